@@ -1,0 +1,58 @@
+# Everything installs from this repository's pinned files: `make run` and `make test` on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SAM_VENV := .venv-sam
+SAM_CLI_VERSION := 1.170.0
+PIP_INSTALL = $(1)/bin/pip install --disable-pip-version-check -q
+
+INPUT ?= out/sample-images
+OUTPUT ?= out/results
+WEIGHTS ?= random
+EVENT ?= events/sqs_batch.json
+BENCH_N ?= 5000
+
+export SAM_CLI_TELEMETRY := 0
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup sam-setup run sample test bench lint invoke package deploy clean
+
+setup: $(VENV)/.installed
+$(VENV)/.installed: requirements-dev.txt emr_job/requirements.txt lambdas/requirements.txt constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(call PIP_INSTALL,$(VENV)) -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+# SAM CLI pins many packages of its own: it gets a virtual environment of its own.
+sam-setup: $(SAM_VENV)/.installed
+$(SAM_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(call PIP_INSTALL,$(SAM_VENV)) aws-sam-cli==$(SAM_CLI_VERSION)
+	touch $@
+
+out/sample-images/.done: emr_job/sample.py | $(VENV)/.installed
+	rm -rf out/sample-images
+	$(PY) -m emr_job.sample out/sample-images --per-label 20
+	touch $@
+
+sample: out/sample-images/.done
+
+run: setup $(if $(filter out/sample-images,$(INPUT)),sample)
+	$(PY) -m emr_job --input "$(INPUT)" --output "$(OUTPUT)" --weights "$(WEIGHTS)" $(ARGS)
+
+test: setup sam-setup
+	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/cfn-lint template.yaml
+
+bench: setup
+	$(PY) tests/bench/bench.py --n $(BENCH_N)
+
+invoke: setup
+	$(PY) -m lambdas.local_invoke $(EVENT)
+
+clean:
+	rm -rf out dist .aws-sam .pytest_cache

@@ -1,0 +1,125 @@
+"""MobileNetV2 feature extractor: weights resolved once on the driver, network rebuilt per Python worker."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+FEATURE_DIM = 1280
+RANDOM_SEED = 0
+
+
+class WeightsError(RuntimeError):
+    """The requested weights could not be loaded; never replaced by other weights."""
+
+
+def _tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    return tf
+
+
+def build_network():
+    tf = _tf()
+    return tf.keras.applications.MobileNetV2(
+        input_shape=(224, 224, 3), include_top=False, pooling="avg", weights=None
+    )
+
+
+@dataclass(frozen=True)
+class Weights:
+    spec: str  # as given on the command line
+    local_path: Optional[str]  # the file to load, for PATH and s3:// specs
+    fingerprint: str  # identifies the weights; features computed with other weights are recomputed
+    description: str  # for the report
+
+
+def resolve_weights(spec: str, workdir: str) -> Weights:
+    """Cheap, TensorFlow-free part of --weights: find the file and fingerprint it."""
+    if spec == "random":
+        return Weights(spec, None, f"random-seed{RANDOM_SEED}", f"random (seed {RANDOM_SEED}, not ImageNet)")
+    if spec == "imagenet":
+        return Weights(spec, None, "imagenet", "imagenet (keras download)")
+    local = spec
+    if spec.startswith("s3://"):
+        from emr_job.storage import s3_client, split_s3_uri
+
+        local = os.path.join(workdir, os.path.basename(spec) or "weights.h5")
+        try:
+            bucket, key = split_s3_uri(spec)
+            s3_client().download_file(bucket, key, local)
+        except Exception as exc:
+            raise WeightsError(f"could not download weights {spec}: {exc}") from None
+    elif not os.path.isfile(spec):
+        raise WeightsError(f"weights file not found: {spec} (expected random, imagenet, a path or s3://...)")
+    with open(local, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()[:16]
+    return Weights(spec, local, f"sha256:{digest}", f"{spec} (sha256 {digest})")
+
+
+def load_arrays(weights: Weights) -> list:
+    """The arrays to broadcast. Raises WeightsError; never substitutes other weights."""
+    tf = _tf()
+    if weights.spec == "random":
+        tf.keras.utils.set_random_seed(RANDOM_SEED)
+        return build_network().get_weights()
+    if weights.spec == "imagenet":
+        try:
+            net = tf.keras.applications.MobileNetV2(
+                input_shape=(224, 224, 3), include_top=False, pooling="avg", weights="imagenet"
+            )
+        except Exception as exc:
+            raise WeightsError(
+                f"could not download the ImageNet weights ({type(exc).__name__}: {exc}); without internet "
+                "access pass --weights PATH or s3://... to a MobileNetV2 weights file"
+            ) from None
+        return net.get_weights()
+    net = build_network()
+    try:
+        net.load_weights(weights.local_path)
+    except Exception as exc:
+        raise WeightsError(
+            f"{weights.spec} is not a weights file for MobileNetV2(include_top=False, pooling='avg'): {exc}"
+        ) from None
+    return net.get_weights()
+
+
+_FEATURIZER: dict = {}
+
+
+def featurizer(weights_broadcast, fingerprint: str, batch_size: int, threads: int):
+    """Per Python worker: build the network once, return a compiled uint8 batch -> features function."""
+    key = (fingerprint, batch_size)
+    if key not in _FEATURIZER:
+        tf = _tf()
+        try:  # only possible before TF's runtime starts; the first build in a worker wins
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            pass
+        net = build_network()
+        net.set_weights(weights_broadcast.value)
+
+        # Fixed batch shape: one trace, no retracing on the last, shorter batch (it is padded).
+        @tf.function(input_signature=[tf.TensorSpec([batch_size, 224, 224, 3], tf.uint8)])
+        def run(images):
+            x = tf.cast(images, tf.float32) / 127.5 - 1.0  # mobilenet_v2.preprocess_input
+            return net(x, training=False)
+
+        _FEATURIZER.clear()
+        _FEATURIZER[key] = run
+    return _FEATURIZER[key]
+
+
+def features_for(run, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Apply a featurizer to n <= batch_size images, padding to the compiled shape."""
+    n = len(images)
+    if n < batch_size:
+        pad = np.zeros((batch_size - n, 224, 224, 3), dtype=np.uint8)
+        images = np.concatenate([images, pad]) if n else pad
+    return run(images).numpy()[:n]

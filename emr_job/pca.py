@@ -1,0 +1,94 @@
+"""PCA as sklearn computes it, from per-partition moments: sum of X^T X on executors, one eigh on the driver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from emr_job.model import FEATURE_DIM
+
+MOMENTS_SCHEMA = "n long, total binary, xtx binary"
+PROJECTION_SCHEMA = "path string, label string, pca array<float>"
+
+
+class PcaError(ValueError):
+    """PCA cannot be fitted as asked (too few images, k too large)."""
+
+
+@dataclass
+class PcaModel:
+    mean: np.ndarray  # (d,)
+    components: np.ndarray  # (k, d), rows are principal axes, sklearn's components_
+    explained_variance_ratio: np.ndarray  # (k,)
+    all_ratios: np.ndarray  # (min(n, d),), for the cumulative-variance plot
+    n: int
+
+    @property
+    def k(self) -> int:
+        return len(self.components)
+
+
+def _matrix(batch: pa.RecordBatch, column: str) -> np.ndarray:
+    values = batch.column(column).flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(batch.num_rows, -1)
+
+
+def partition_moments(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: one row per partition with n, sum(x) and X^T X in float64."""
+    n, total, xtx = 0, np.zeros(FEATURE_DIM), np.zeros((FEATURE_DIM, FEATURE_DIM))
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        x = _matrix(batch, "features").astype(np.float64)
+        n += len(x)
+        total += x.sum(axis=0)
+        xtx += x.T @ x
+    yield pa.RecordBatch.from_pydict(
+        {"n": [n], "total": [total.tobytes()], "xtx": [xtx.tobytes()]},
+        schema=pa.schema([("n", pa.int64()), ("total", pa.binary()), ("xtx", pa.binary())]),
+    )
+
+
+def fit_from_moments(moments: list, variance: Optional[float], k: Optional[int]) -> PcaModel:
+    n = sum(row["n"] for row in moments)
+    if n < 2:
+        raise PcaError(f"PCA needs at least 2 images with features; there {'is' if n == 1 else 'are'} {n}")
+    total = sum(np.frombuffer(row["total"]) for row in moments)
+    xtx = sum(np.frombuffer(row["xtx"]).reshape(FEATURE_DIM, FEATURE_DIM) for row in moments)
+    mean = total / n
+    cov = (xtx - n * np.outer(mean, mean)) / (n - 1)
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    order = np.argsort(eigvals)[::-1]
+    eigvals, eigvecs = np.clip(eigvals[order], 0.0, None), eigvecs[:, order]
+    rank_limit = min(n, FEATURE_DIM)  # sklearn: n_components <= min(n_samples, n_features)
+    total_var = eigvals.sum()
+    ratios = eigvals[:rank_limit] / total_var if total_var > 0 else np.zeros(rank_limit)
+    if k is not None:
+        if not 1 <= k <= rank_limit:
+            raise PcaError(f"--k {k} is out of range: {n} images with {FEATURE_DIM} features allow 1..{rank_limit}")
+    else:
+        # sklearn's rule for a float n_components: the first k whose cumulative ratio exceeds the target.
+        k = int(np.searchsorted(np.cumsum(ratios), variance, side="right") + 1)
+        k = min(k, rank_limit)
+    components = eigvecs[:, :k].T
+    # sklearn's svd_flip(u_based_decision=False): the largest |loading| of each axis is positive.
+    signs = np.sign(components[np.arange(k), np.argmax(np.abs(components), axis=1)])
+    components = components * np.where(signs == 0, 1.0, signs)[:, None]
+    return PcaModel(mean, components, ratios[:k], ratios, n)
+
+
+def project_partition(batches: Iterable[pa.RecordBatch], mean: np.ndarray, components: np.ndarray):
+    """mapInArrow body: features -> (features - mean) @ components.T, as float32 arrays."""
+    k = len(components)
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        coords = ((_matrix(batch, "features").astype(np.float64) - mean) @ components.T).astype(np.float32)
+        offsets = pa.array(np.arange(0, (batch.num_rows + 1) * k, k, dtype=np.int32))
+        yield pa.RecordBatch.from_arrays(
+            [batch.column("path"), batch.column("label"), pa.ListArray.from_arrays(offsets, pa.array(coords.reshape(-1)))],
+            names=["path", "label", "pca"],
+        )
