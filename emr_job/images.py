@@ -34,9 +34,7 @@ def decode_image(data: bytes) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         limit = Image.MAX_IMAGE_PIXELS
         if limit and img.width * img.height > limit:
-            raise ImageError(
-                f"decompression bomb: {img.width}x{img.height} pixels exceeds the limit of {limit}"
-            )
+            raise ImageError(f"decompression bomb: {img.width}x{img.height} pixels exceeds the limit of {limit}")
         if img.format == "JPEG":
             # libjpeg's DCT scaling decodes large photos at 1/2..1/8 size: far cheaper, same resize target.
             img.draft("RGB", (SIZE * 2, SIZE * 2))
@@ -61,7 +59,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         # 16-bit and float greys: scale to 8 bits instead of clipping everything above 255 to white.
         arr = np.asarray(img, dtype=np.float64)
         scale = 257.0 if img.mode != "F" and arr.max(initial=0) > 255 else 1.0
-        img = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

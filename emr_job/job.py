@@ -19,9 +19,15 @@ from pyspark.sql import functions as F
 
 from emr_job import model, report
 from emr_job.featurize import FAILED, IN_SCHEMA, OK, OUT_SCHEMA, featurize_partition
-from emr_job.pca import MOMENTS_SCHEMA, PROJECTION_SCHEMA, PcaError, fit_from_moments, partition_moments
-from emr_job.pca import project_partition
-from emr_job.storage import Image, Output, is_s3, label_of, list_images, read_manifest
+from emr_job.pca import (
+    MOMENTS_SCHEMA,
+    PROJECTION_SCHEMA,
+    PcaError,
+    fit_from_moments,
+    partition_moments,
+    project_partition,
+)
+from emr_job.storage import Image, Output, label_of, list_images, read_manifest
 
 RESULTS = ("features", "pca", "failures")
 IMAGES_PER_TASK = 2000  # tasks long enough to amortise the per-worker model build, short enough to balance
@@ -166,9 +172,11 @@ def run(spark: SparkSession, cfg: JobConfig, log=print) -> dict:
     new_failed = new.filter(F.col("status") == FAILED).select("path", "reason", "label", "version")
     failures_df = new_failed.unionByName(early)
     if old_failures is not None:
-        failures_df = old_failures.join(F.broadcast(drop), "path", "left_anti").select(
-            failures_df.columns
-        ).unionByName(failures_df)
+        failures_df = (
+            old_failures.join(F.broadcast(drop), "path", "left_anti")
+            .select(failures_df.columns)
+            .unionByName(failures_df)
+        )
     failures_df.coalesce(1).write.parquet(f"{staging}/failures")
     failure_rows = spark.read.parquet(f"{staging}/failures").select("reason").collect()
     counts = {r.status: r["count"] for r in new.groupBy("status").count().collect()}

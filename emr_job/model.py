@@ -26,9 +26,7 @@ def _tf():
 
 def build_network():
     tf = _tf()
-    return tf.keras.applications.MobileNetV2(
-        input_shape=(224, 224, 3), include_top=False, pooling="avg", weights=None
-    )
+    return tf.keras.applications.MobileNetV2(input_shape=(224, 224, 3), include_top=False, pooling="avg", weights=None)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -89,6 +90,10 @@ def project_partition(batches: Iterable[pa.RecordBatch], mean: np.ndarray, compo
         coords = ((_matrix(batch, "features").astype(np.float64) - mean) @ components.T).astype(np.float32)
         offsets = pa.array(np.arange(0, (batch.num_rows + 1) * k, k, dtype=np.int32))
         yield pa.RecordBatch.from_arrays(
-            [batch.column("path"), batch.column("label"), pa.ListArray.from_arrays(offsets, pa.array(coords.reshape(-1)))],
+            [
+                batch.column("path"),
+                batch.column("label"),
+                pa.ListArray.from_arrays(offsets, pa.array(coords.reshape(-1))),
+            ],
             names=["path", "label", "pca"],
         )

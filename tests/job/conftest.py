@@ -1,0 +1,27 @@
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def spark():
+    os.environ["SPARK_MASTER"] = "local[2]"
+    from emr_job.main import spark_session
+
+    session = spark_session()
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory):
+    """A real Keras weights file for the model (seeded; ImageNet cannot be downloaded offline)."""
+    import tensorflow as tf
+
+    from emr_job.model import build_network
+
+    tf.keras.utils.set_random_seed(7)
+    net = build_network()
+    path = str(tmp_path_factory.mktemp("weights") / "mobilenet_v2_test.weights.h5")
+    net.save_weights(path)
+    return path
