@@ -1,0 +1,1 @@
+"""Shared logic of the trigger and job-state functions: events, manifests, the run lock, the launchers."""

@@ -1,0 +1,174 @@
+"""The functions' configuration: environment variables declared in template.yaml, read and checked here only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional
+
+ENGINES = ("serverless", "ec2")
+
+# name -> default (None: required). template.yaml declares exactly these (tests/template checks it).
+ENV_VARS: dict = {
+    "BUCKET": None,
+    "TABLE_NAME": None,
+    "ENGINE": "serverless",
+    "IMAGES_PREFIX": "images/",
+    "RESULTS_PREFIX": "results/",
+    "MANIFESTS_PREFIX": "manifests/",
+    "ARTIFACTS_PREFIX": "artifacts/",
+    "LOGS_PREFIX": "logs/",
+    "QUEUE_URL": "",
+    "QUIET_SECONDS": "60",
+    "DEAD_LETTER_QUEUE_URL": "",
+    "ALERT_TOPIC_ARN": "",
+    "MAX_ATTEMPTS": "3",
+    "JOB_TIMEOUT_MINUTES": "180",
+    "PCA_VARIANCE": "0.95",
+    "EMR_APPLICATION_ID": "",
+    "EMR_RUNTIME_ROLE_ARN": "",
+    "SPARK_SUBMIT_PARAMETERS": "",
+    "EMR_RELEASE_LABEL": "emr-7.10.0",
+    "EC2_INSTANCE_TYPE": "m6i.xlarge",
+    "EC2_CORE_INSTANCES": "2",
+    "EC2_USE_SPOT": "false",
+    "EC2_SUBNET_ID": "",
+    "EMR_SERVICE_ROLE": "",
+    "EMR_INSTANCE_PROFILE": "",
+}
+# Read by Powertools itself; declared in template.yaml Globals too.
+POWERTOOLS_ENV_VARS = ("POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE", "POWERTOOLS_LOG_LEVEL")
+
+
+class SettingsError(ValueError):
+    """A missing or malformed environment variable, named in the message."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    bucket: str
+    table_name: str
+    engine: str
+    images_prefix: str
+    results_prefix: str
+    manifests_prefix: str
+    artifacts_prefix: str
+    logs_prefix: str
+    queue_url: str
+    quiet_seconds: int
+    dead_letter_queue_url: str
+    alert_topic_arn: str
+    max_attempts: int
+    job_timeout_minutes: int
+    pca_variance: float
+    emr_application_id: str
+    emr_runtime_role_arn: str
+    spark_submit_parameters: str
+    emr_release_label: str
+    ec2_instance_type: str
+    ec2_core_instances: int
+    ec2_use_spot: bool
+    ec2_subnet_id: Optional[str]
+    emr_service_role: str
+    emr_instance_profile: str
+
+    # Derived locations: one prefix setting each, the layout below them fixed.
+    @property
+    def job_entry_uri(self) -> str:
+        return f"s3://{self.bucket}/{self.artifacts_prefix}job/main.py"
+
+    @property
+    def job_archive_uri(self) -> str:
+        return f"s3://{self.bucket}/{self.artifacts_prefix}job/emr_job.zip"
+
+    @property
+    def bootstrap_uri(self) -> str:
+        return f"s3://{self.bucket}/{self.artifacts_prefix}job/bootstrap.sh"
+
+    @property
+    def weights_uri(self) -> str:
+        return f"s3://{self.bucket}/{self.artifacts_prefix}model/mobilenet_v2.weights.h5"
+
+    @property
+    def lock_lease_seconds(self) -> int:
+        # Outlives any run (EMR stops it at the timeout), so an expired lease means a lost event, not a live run.
+        return self.job_timeout_minutes * 60 + 900
+
+    def job_arguments(self, manifest_uri: str) -> list:
+        return [
+            "--input", f"s3://{self.bucket}/{self.images_prefix}",
+            "--output", f"s3://{self.bucket}/{self.results_prefix}",
+            "--manifest", manifest_uri,
+            "--weights", self.weights_uri,
+            "--variance", str(self.pca_variance),
+        ]  # fmt: skip
+
+
+def _prefix(name: str, value: str) -> str:
+    if not value or value.startswith("/"):
+        raise SettingsError(f"{name} must be a key prefix like 'images/', got {value!r}")
+    return value if value.endswith("/") else value + "/"
+
+
+def _int(name: str, value: str, low: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {value!r}") from None
+    if number < low:
+        raise SettingsError(f"{name} must be at least {low}, got {number}")
+    return number
+
+
+def load(environ: Mapping[str, str] = os.environ) -> Settings:
+    raw = {name: environ.get(name, default) for name, default in ENV_VARS.items()}
+    missing = [name for name, value in raw.items() if value is None or (ENV_VARS[name] is None and not value)]
+    if missing:
+        raise SettingsError(f"missing environment variable(s): {', '.join(missing)}")
+    engine = raw["ENGINE"].strip().lower()
+    if engine not in ENGINES:
+        raise SettingsError(f"ENGINE must be one of {ENGINES}, got {raw['ENGINE']!r}")
+    required = ("EMR_APPLICATION_ID", "EMR_RUNTIME_ROLE_ARN") if engine == "serverless" else (
+        "EMR_SERVICE_ROLE", "EMR_INSTANCE_PROFILE")  # fmt: skip
+    for name in required:
+        if not raw[name]:
+            raise SettingsError(f"{name} is required when ENGINE={engine}")
+    quiet = _int("QUIET_SECONDS", raw["QUIET_SECONDS"], 0)
+    if quiet > 900:  # SQS DelaySeconds limit: the tick that starts the run is a delayed message
+        raise SettingsError(f"QUIET_SECONDS must be at most 900, got {quiet}")
+    if quiet and not raw["QUEUE_URL"]:
+        raise SettingsError("QUEUE_URL is required when QUIET_SECONDS > 0 (the delayed start goes through it)")
+    try:
+        variance = float(raw["PCA_VARIANCE"])
+    except ValueError:
+        variance = -1.0
+    if not 0 < variance <= 1:
+        raise SettingsError(f"PCA_VARIANCE must be in (0, 1], got {raw['PCA_VARIANCE']!r}")
+    return Settings(
+        bucket=raw["BUCKET"],
+        table_name=raw["TABLE_NAME"],
+        engine=engine,
+        images_prefix=_prefix("IMAGES_PREFIX", raw["IMAGES_PREFIX"]),
+        results_prefix=_prefix("RESULTS_PREFIX", raw["RESULTS_PREFIX"]),
+        manifests_prefix=_prefix("MANIFESTS_PREFIX", raw["MANIFESTS_PREFIX"]),
+        artifacts_prefix=_prefix("ARTIFACTS_PREFIX", raw["ARTIFACTS_PREFIX"]),
+        logs_prefix=_prefix("LOGS_PREFIX", raw["LOGS_PREFIX"]),
+        queue_url=raw["QUEUE_URL"],
+        quiet_seconds=quiet,
+        dead_letter_queue_url=raw["DEAD_LETTER_QUEUE_URL"],
+        alert_topic_arn=raw["ALERT_TOPIC_ARN"],
+        max_attempts=_int("MAX_ATTEMPTS", raw["MAX_ATTEMPTS"], 1),
+        job_timeout_minutes=_int("JOB_TIMEOUT_MINUTES", raw["JOB_TIMEOUT_MINUTES"], 5),
+        pca_variance=variance,
+        emr_application_id=raw["EMR_APPLICATION_ID"],
+        emr_runtime_role_arn=raw["EMR_RUNTIME_ROLE_ARN"],
+        spark_submit_parameters=raw["SPARK_SUBMIT_PARAMETERS"],
+        emr_release_label=raw["EMR_RELEASE_LABEL"],
+        ec2_instance_type=raw["EC2_INSTANCE_TYPE"],
+        ec2_core_instances=_int("EC2_CORE_INSTANCES", raw["EC2_CORE_INSTANCES"], 1),
+        ec2_use_spot=raw["EC2_USE_SPOT"].strip().lower() in ("1", "true", "yes"),
+        ec2_subnet_id=raw["EC2_SUBNET_ID"] or None,
+        emr_service_role=raw["EMR_SERVICE_ROLE"],
+        emr_instance_profile=raw["EMR_INSTANCE_PROFILE"],
+    )

@@ -1,0 +1,28 @@
+"""Clients and collaborators, built once per cold start from the settings."""
+
+from __future__ import annotations
+
+import boto3
+from botocore.config import Config
+
+from pipeline.coordinator import Pipeline
+from pipeline.launchers import make_launcher
+from pipeline.lock import RunLock
+from pipeline.manifests import ManifestStore
+from pipeline.settings import Settings
+
+# Throttling on StartJobRun is retried by the SDK first, then surfaces as a partial batch failure.
+CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=5, read_timeout=20)
+
+
+def build_pipeline(settings: Settings) -> Pipeline:
+    client = lambda name: boto3.client(name, config=CLIENT_CONFIG)  # noqa: E731
+    engine_client = client("emr-serverless") if settings.engine == "serverless" else client("emr")
+    return Pipeline(
+        settings=settings,
+        manifests=ManifestStore(client("s3"), settings.bucket, settings.manifests_prefix),
+        lock=RunLock(client("dynamodb"), settings.table_name),
+        launcher=make_launcher(settings, emr_serverless=engine_client, emr=engine_client),
+        sqs=client("sqs"),
+        sns=client("sns"),
+    )

@@ -1,0 +1,201 @@
+import importlib
+import json
+import sys
+import time
+from types import SimpleNamespace
+from urllib.parse import quote_plus
+
+import boto3
+import pytest
+from moto import mock_aws
+
+BUCKET = "photos-eu"
+REGION = "eu-west-3"
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    """The stack's AWS side in moto, and the environment template.yaml gives the functions."""
+    with mock_aws():
+        s3 = boto3.client("s3", region_name=REGION)
+        s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+        ddb = boto3.client("dynamodb", region_name=REGION)
+        ddb.create_table(
+            TableName="runs",
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        sqs = boto3.client("sqs", region_name=REGION)
+        queue = sqs.create_queue(QueueName="uploads")["QueueUrl"]
+        dlq = sqs.create_queue(QueueName="uploads-dlq")["QueueUrl"]
+        alerts = sqs.create_queue(QueueName="alerts-inbox")["QueueUrl"]
+        sns = boto3.client("sns", region_name=REGION)
+        topic = sns.create_topic(Name="run-failures")["TopicArn"]
+        alerts_arn = sqs.get_queue_attributes(QueueUrl=alerts, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=alerts_arn, Attributes={"RawMessageDelivery": "true"})
+        emrs = boto3.client("emr-serverless", region_name=REGION)
+        app_id = emrs.create_application(name="features", releaseLabel="emr-7.10.0", type="SPARK")["applicationId"]
+        env = {
+            "BUCKET": BUCKET,
+            "TABLE_NAME": "runs",
+            "ENGINE": "serverless",
+            "QUEUE_URL": queue,
+            "QUIET_SECONDS": "0",
+            "DEAD_LETTER_QUEUE_URL": dlq,
+            "ALERT_TOPIC_ARN": topic,
+            "EMR_APPLICATION_ID": app_id,
+            "EMR_RUNTIME_ROLE_ARN": "arn:aws:iam::123456789012:role/emr-runtime",
+            "EMR_SERVICE_ROLE": "arn:aws:iam::123456789012:role/emr-service",
+            "EMR_INSTANCE_PROFILE": "emr-instance-profile",
+            "MAX_ATTEMPTS": "2",
+            "POWERTOOLS_SERVICE_NAME": "image-features",
+            "POWERTOOLS_METRICS_NAMESPACE": "ImageFeatures",
+            "POWERTOOLS_TRACE_DISABLED": "true",
+            "AWS_DEFAULT_REGION": REGION,
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        yield SimpleNamespace(
+            s3=s3, ddb=ddb, sqs=sqs, sns=sns, emrs=emrs, emr=boto3.client("emr", region_name=REGION),
+            app_id=app_id, queue=queue, dlq=dlq, alerts=alerts, env=env, monkeypatch=monkeypatch,
+        )  # fmt: skip
+
+
+def load(module: str):
+    """Import a handler module as a cold start would, under the current environment and mocks."""
+    for name in [m for m in sys.modules if m.split(".")[0] in ("trigger", "job_state", "pipeline")]:
+        del sys.modules[name]
+    return importlib.import_module(module)
+
+
+@pytest.fixture
+def trigger(aws):
+    return load("trigger.app")
+
+
+@pytest.fixture
+def job_state(aws):
+    return load("job_state.app")
+
+
+# --- event builders: the shapes S3, SQS and EventBridge really send ---------------------------------------
+_seq = [0x5F0000000000000000]
+
+
+def next_sequencer() -> str:
+    _seq[0] += 1
+    return f"{_seq[0]:X}"
+
+
+def s3_record(key: str, action: str = "ObjectCreated:Put", bucket: str = BUCKET, sequencer: str = "") -> dict:
+    obj = {"key": quote_plus(key, safe="/"), "sequencer": sequencer or next_sequencer()}
+    if action.startswith("ObjectCreated"):
+        obj.update(size=1024, eTag="d41d8cd98f00b204e9800998ecf8427e")
+    return {
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "awsRegion": REGION,
+        "eventTime": "2026-11-24T10:00:00.000Z",
+        "eventName": action,
+        "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"}, "object": obj},
+    }
+
+
+def sqs_event(bodies: list) -> dict:
+    return {
+        "Records": [
+            {
+                "messageId": f"msg-{i:05d}",
+                "receiptHandle": f"rh-{i}",
+                "body": body if isinstance(body, str) else json.dumps(body),
+                "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": str(int(time.time() * 1000))},
+                "messageAttributes": {},
+                "md5OfBody": "",
+                "eventSource": "aws:sqs",
+                "eventSourceARN": f"arn:aws:sqs:{REGION}:123456789012:uploads",
+                "awsRegion": REGION,
+            }
+            for i, body in enumerate(bodies)
+        ]
+    }
+
+
+def eventbridge_s3(key: str, detail_type: str = "Object Created", bucket: str = BUCKET) -> dict:
+    return {
+        "version": "0",
+        "id": "17793124-05d4-b198-2fde-7ededc63b103",
+        "detail-type": detail_type,
+        "source": "aws.s3",
+        "account": "123456789012",
+        "time": "2026-11-24T10:00:00Z",
+        "region": REGION,
+        "resources": [f"arn:aws:s3:::{bucket}"],
+        "detail": {
+            "version": "0",
+            "bucket": {"name": bucket},
+            "object": {
+                "key": key,
+                "size": 1024,
+                "etag": "b1946ac92492d2347c6235b4d2611184",
+                "sequencer": next_sequencer(),
+            },
+            "request-id": "N4N7GDK58NMKJ12R",
+            "requester": "123456789012",
+        },
+    }
+
+
+def serverless_state(job_run_id: str, app_id: str, state: str) -> dict:
+    return {
+        "version": "0",
+        "id": "f3a2c7b9-1d35-4a3e-9d77-0123456789ab",
+        "detail-type": "EMR Serverless Job Run State Change",
+        "source": "aws.emr-serverless",
+        "account": "123456789012",
+        "time": "2026-11-24T11:00:00Z",
+        "region": REGION,
+        "resources": [],
+        "detail": {
+            "jobRunId": job_run_id,
+            "jobRunName": "run",
+            "applicationId": app_id,
+            "arn": f"arn:aws:emr-serverless:{REGION}:123456789012:/applications/{app_id}/jobruns/{job_run_id}",
+            "releaseLabel": "emr-7.10.0",
+            "state": state,
+            "previousState": "RUNNING",
+            "createdBy": "arn:aws:sts::123456789012:assumed-role/trigger",
+            "updatedAt": "2026-11-24T11:00:00.000000Z",
+            "createdAt": "2026-11-24T10:05:00.000000Z",
+        },
+    }
+
+
+def job_runs(aws) -> list:
+    try:
+        return aws.emrs.list_job_runs(applicationId=aws.app_id)["jobRuns"]
+    except aws.emrs.exceptions.ResourceNotFoundException:  # moto: an application without runs yet
+        return []
+
+
+def run_manifest(aws, run_name: str) -> dict:
+    body = aws.s3.get_object(Bucket=BUCKET, Key=f"manifests/runs/{run_name}.json")["Body"].read()
+    return json.loads(body)
+
+
+def pending_keys(aws) -> list:
+    listed = aws.s3.list_objects_v2(Bucket=BUCKET, Prefix="manifests/pending/")
+    return [o["Key"] for o in listed.get("Contents", [])]
+
+
+def metrics_out(text: str) -> dict:
+    """Sum the EMF metrics Powertools printed: name -> value."""
+    totals: dict = {}
+    for line in text.splitlines():
+        if '"_aws"' not in line:
+            continue
+        doc = json.loads(line)
+        for spec in doc["_aws"]["CloudWatchMetrics"][0]["Metrics"]:
+            value = doc[spec["Name"]]
+            totals[spec["Name"]] = totals.get(spec["Name"], 0) + (sum(value) if isinstance(value, list) else value)
+    return totals
