@@ -52,7 +52,7 @@ bench: setup
 	$(PY) tests/bench/bench.py --n $(BENCH_N)
 
 invoke: setup
-	$(PY) -m lambdas.local_invoke $(EVENT)
+	$(PY) tests/local_invoke.py $(EVENT)
 
 clean:
 	rm -rf out dist .aws-sam .pytest_cache

@@ -2,64 +2,23 @@ import importlib
 import json
 import sys
 import time
-from types import SimpleNamespace
 from urllib.parse import quote_plus
 
-import boto3
 import pytest
 from moto import mock_aws
 
-BUCKET = "photos-eu"
-REGION = "eu-west-3"
+from tests.lambdas.stack import BUCKET, REGION, create_stack
 
 
 @pytest.fixture
 def aws(monkeypatch):
     """The stack's AWS side in moto, and the environment template.yaml gives the functions."""
     with mock_aws():
-        s3 = boto3.client("s3", region_name=REGION)
-        s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
-        ddb = boto3.client("dynamodb", region_name=REGION)
-        ddb.create_table(
-            TableName="runs",
-            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        sqs = boto3.client("sqs", region_name=REGION)
-        queue = sqs.create_queue(QueueName="uploads")["QueueUrl"]
-        dlq = sqs.create_queue(QueueName="uploads-dlq")["QueueUrl"]
-        alerts = sqs.create_queue(QueueName="alerts-inbox")["QueueUrl"]
-        sns = boto3.client("sns", region_name=REGION)
-        topic = sns.create_topic(Name="run-failures")["TopicArn"]
-        alerts_arn = sqs.get_queue_attributes(QueueUrl=alerts, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=alerts_arn, Attributes={"RawMessageDelivery": "true"})
-        emrs = boto3.client("emr-serverless", region_name=REGION)
-        app_id = emrs.create_application(name="features", releaseLabel="emr-7.10.0", type="SPARK")["applicationId"]
-        env = {
-            "BUCKET": BUCKET,
-            "TABLE_NAME": "runs",
-            "ENGINE": "serverless",
-            "QUEUE_URL": queue,
-            "QUIET_SECONDS": "0",
-            "DEAD_LETTER_QUEUE_URL": dlq,
-            "ALERT_TOPIC_ARN": topic,
-            "EMR_APPLICATION_ID": app_id,
-            "EMR_RUNTIME_ROLE_ARN": "arn:aws:iam::123456789012:role/emr-runtime",
-            "EMR_SERVICE_ROLE": "arn:aws:iam::123456789012:role/emr-service",
-            "EMR_INSTANCE_PROFILE": "emr-instance-profile",
-            "MAX_ATTEMPTS": "2",
-            "POWERTOOLS_SERVICE_NAME": "image-features",
-            "POWERTOOLS_METRICS_NAMESPACE": "ImageFeatures",
-            "POWERTOOLS_TRACE_DISABLED": "true",
-            "AWS_DEFAULT_REGION": REGION,
-        }
-        for name, value in env.items():
+        stack = create_stack()
+        for name, value in stack.env.items():
             monkeypatch.setenv(name, value)
-        yield SimpleNamespace(
-            s3=s3, ddb=ddb, sqs=sqs, sns=sns, emrs=emrs, emr=boto3.client("emr", region_name=REGION),
-            app_id=app_id, queue=queue, dlq=dlq, alerts=alerts, env=env, monkeypatch=monkeypatch,
-        )  # fmt: skip
+        stack.monkeypatch = monkeypatch
+        yield stack
 
 
 def load(module: str):

@@ -1,0 +1,53 @@
+"""The AWS resources template.yaml creates, made in moto: shared by the tests and `make invoke`."""
+
+from types import SimpleNamespace
+
+import boto3
+
+BUCKET = "photos-eu"
+REGION = "eu-west-3"
+
+
+def create_stack() -> SimpleNamespace:
+    """Call inside mock_aws(). Returns clients, resource ids and the functions' environment."""
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+    ddb = boto3.client("dynamodb", region_name=REGION)
+    ddb.create_table(
+        TableName="runs",
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    sqs = boto3.client("sqs", region_name=REGION)
+    queue = sqs.create_queue(QueueName="uploads")["QueueUrl"]
+    dlq = sqs.create_queue(QueueName="uploads-dlq")["QueueUrl"]
+    alerts = sqs.create_queue(QueueName="alerts-inbox")["QueueUrl"]
+    sns = boto3.client("sns", region_name=REGION)
+    topic = sns.create_topic(Name="run-failures")["TopicArn"]
+    alerts_arn = sqs.get_queue_attributes(QueueUrl=alerts, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=alerts_arn, Attributes={"RawMessageDelivery": "true"})
+    emrs = boto3.client("emr-serverless", region_name=REGION)
+    app_id = emrs.create_application(name="features", releaseLabel="emr-7.10.0", type="SPARK")["applicationId"]
+    env = {
+        "BUCKET": BUCKET,
+        "TABLE_NAME": "runs",
+        "ENGINE": "serverless",
+        "QUEUE_URL": queue,
+        "QUIET_SECONDS": "0",
+        "DEAD_LETTER_QUEUE_URL": dlq,
+        "ALERT_TOPIC_ARN": topic,
+        "EMR_APPLICATION_ID": app_id,
+        "EMR_RUNTIME_ROLE_ARN": "arn:aws:iam::123456789012:role/emr-runtime",
+        "EMR_SERVICE_ROLE": "arn:aws:iam::123456789012:role/emr-service",
+        "EMR_INSTANCE_PROFILE": "emr-instance-profile",
+        "MAX_ATTEMPTS": "2",
+        "POWERTOOLS_SERVICE_NAME": "image-features",
+        "POWERTOOLS_METRICS_NAMESPACE": "ImageFeatures",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "AWS_DEFAULT_REGION": REGION,
+    }
+    return SimpleNamespace(
+        s3=s3, ddb=ddb, sqs=sqs, sns=sns, emrs=emrs, emr=boto3.client("emr", region_name=REGION),
+        app_id=app_id, queue=queue, dlq=dlq, alerts=alerts, env=env,
+    )  # fmt: skip
