@@ -11,11 +11,16 @@ OUTPUT ?= out/results
 WEIGHTS ?= random
 EVENT ?= events/sqs_batch.json
 BENCH_N ?= 5000
+STACK_ENV ?= default
+ENGINE ?= serverless
+IMAGE_URI ?=
+WEIGHTS_FILE ?= dist/mobilenet_v2.weights.h5
+SAM := $(SAM_VENV)/bin/sam
 
 export SAM_CLI_TELEMETRY := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup sam-setup run sample test bench lint invoke package deploy clean
+.PHONY: setup sam-setup run sample test bench lint invoke package weights deploy clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt emr_job/requirements.txt lambdas/requirements.txt constraints.txt
@@ -53,6 +58,21 @@ bench: setup
 
 invoke: setup
 	$(PY) tests/local_invoke.py $(EVENT)
+
+package: setup
+	$(PY) -m emr_job.package build dist
+
+# ImageNet weights for the stack, saved once on a machine with internet access (EMR has none).
+weights: setup
+	$(PY) -m emr_job.package fetch-imagenet $(WEIGHTS_FILE)
+
+# Checks first, so a stack that would fail on its first upload is never rolled out.
+deploy: package sam-setup
+	$(PY) -m emr_job.package check --weights "$(WEIGHTS_FILE)" --engine $(ENGINE) --image "$(IMAGE_URI)"
+	$(SAM) build
+	eval "$(SAM) deploy --config-env $(STACK_ENV) $(if $(IMAGE_URI),--parameter-overrides \
+	  $$($(PY) -m emr_job.package overrides --config-env $(STACK_ENV) --image '$(IMAGE_URI)'))"
+	$(PY) -m emr_job.package upload --config-env $(STACK_ENV) --weights "$(WEIGHTS_FILE)" dist
 
 clean:
 	rm -rf out dist .aws-sam .pytest_cache

@@ -1,7 +1,18 @@
-"""Build what EMR runs: `python -m emr_job.package dist` -> dist/emr_job.zip (--py-files) and dist/main.py."""
+"""Package and publish what EMR runs.
+
+python -m emr_job.package build [DIST]            emr_job.zip (--py-files), main.py, bootstrap.sh, pins
+python -m emr_job.package fetch-imagenet FILE     ImageNet weights, once, on a machine with internet
+python -m emr_job.package check --weights FILE --engine E --image URI
+                                                  refuse to deploy a stack whose first run would fail
+python -m emr_job.package overrides --config-env ENV [--image URI]
+                                                  samconfig.toml's parameter overrides, plus the image
+python -m emr_job.package upload --config-env ENV --weights FILE [DIST]
+                                                  copy the artifacts to the stack's artifacts/ prefix
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -9,23 +20,142 @@ import zipfile
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
+ROOT = PACKAGE.parent
+# dist file -> key under the stack's artifacts/ prefix (lambdas/pipeline/settings.py builds the same URIs).
+ARTIFACTS = {
+    "emr_job.zip": "job/emr_job.zip",
+    "main.py": "job/main.py",
+    "bootstrap.sh": "job/bootstrap.sh",
+    "requirements.txt": "job/requirements.txt",
+    "constraints.txt": "job/constraints.txt",
+}
+WEIGHTS_KEY = "model/mobilenet_v2.weights.h5"
 
 
-def build(dest: str) -> list:
+class DeployError(RuntimeError):
+    """A piece the stack needs is missing; said before anything is deployed."""
+
+
+def build(dest: str = "dist") -> list:
     os.makedirs(dest, exist_ok=True)
     archive = os.path.join(dest, "emr_job.zip")
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(PACKAGE.rglob("*.py")):
             if "__pycache__" not in path.parts:
                 # Fixed timestamps: the same sources give the same archive (and the same S3 ETag).
-                info = zipfile.ZipInfo(str(path.relative_to(PACKAGE.parent)), date_time=(2020, 1, 1, 0, 0, 0))
+                info = zipfile.ZipInfo(str(path.relative_to(ROOT)), date_time=(2020, 1, 1, 0, 0, 0))
                 info.compress_type = zipfile.ZIP_DEFLATED
                 zf.writestr(info, path.read_bytes())
-    entry = os.path.join(dest, "main.py")
-    shutil.copyfile(PACKAGE / "main.py", entry)
-    return [archive, entry]
+    for name, source in [
+        ("main.py", PACKAGE / "main.py"),
+        ("bootstrap.sh", PACKAGE / "bootstrap.sh"),
+        ("requirements.txt", PACKAGE / "requirements.txt"),
+        ("constraints.txt", ROOT / "constraints.txt"),
+    ]:
+        shutil.copyfile(source, os.path.join(dest, name))
+    return [os.path.join(dest, name) for name in ARTIFACTS]
+
+
+def fetch_imagenet(path: str) -> str:
+    from emr_job.model import Weights, build_network, load_arrays
+
+    arrays = load_arrays(Weights("imagenet", None, "imagenet", "imagenet"))
+    net = build_network()
+    net.set_weights(arrays)
+    net.save_weights(path)
+    return path
+
+
+def check(weights: str, engine: str, image: str) -> None:
+    """Everything a first run needs, verified before the stack changes."""
+    from emr_job.model import WeightsError, load_arrays, resolve_weights
+
+    if not weights or not os.path.isfile(weights):
+        raise DeployError(
+            f"no model weights file at {weights!r}: run `make weights` once on a machine with internet "
+            "(it saves the ImageNet weights), or pass WEIGHTS_FILE=path/to/mobilenet_v2.weights.h5"
+        )
+    try:
+        load_arrays(resolve_weights(weights, os.path.dirname(os.path.abspath(weights))))
+    except WeightsError as exc:
+        raise DeployError(str(exc)) from None
+    if engine == "serverless" and not image:
+        raise DeployError(
+            "Engine=serverless needs the job image: build and push emr_job/Dockerfile, then pass "
+            "IMAGE_URI=<account>.dkr.ecr.<region>.amazonaws.com/image-features:<tag> (README, Deploy)"
+        )
+
+
+def samconfig(config_env: str) -> dict:
+    """stack_name, region and parameter_overrides of one samconfig.toml environment."""
+    import tomllib  # Python 3.11+: this runs on the deploying machine, never on EMR
+
+    with open(ROOT / "samconfig.toml", "rb") as fh:
+        env = tomllib.load(fh)[config_env]
+    deploy = env["deploy"]["parameters"]
+    return {
+        "stack_name": deploy["stack_name"],
+        "region": env.get("global", {}).get("parameters", {}).get("region", "eu-west-3"),
+        "parameter_overrides": deploy.get("parameter_overrides", ""),
+    }
+
+
+def overrides(config_env: str, image: str) -> str:
+    merged = samconfig(config_env)["parameter_overrides"]
+    return f"{merged} CustomImageUri={image}".strip() if image else merged
+
+
+def upload(config_env: str, weights: str, dist: str = "dist") -> list:
+    import boto3
+
+    conf = samconfig(config_env)
+    stack, region = conf["stack_name"], conf["region"]
+    outputs = boto3.client("cloudformation", region_name=region).describe_stacks(StackName=stack)["Stacks"][0]
+    artifacts = {o["OutputKey"]: o["OutputValue"] for o in outputs.get("Outputs", [])}["ArtifactsUri"]
+    bucket, prefix = artifacts[len("s3://") :].split("/", 1)
+    s3 = boto3.client("s3", region_name=region)
+    done = []
+    for name, key in [*ARTIFACTS.items(), (weights, WEIGHTS_KEY)]:
+        source = name if name == weights else os.path.join(dist, name)
+        s3.upload_file(source, bucket, prefix + key)
+        done.append(f"s3://{bucket}/{prefix}{key}")
+    return done
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("build").add_argument("dist", nargs="?", default="dist")
+    sub.add_parser("fetch-imagenet").add_argument("path")
+    chk = sub.add_parser("check")
+    chk.add_argument("--weights", required=True)
+    chk.add_argument("--engine", default="serverless", choices=["serverless", "ec2"])
+    chk.add_argument("--image", default="")
+    ov = sub.add_parser("overrides")
+    ov.add_argument("--config-env", default="default")
+    ov.add_argument("--image", default="")
+    up = sub.add_parser("upload")
+    up.add_argument("--config-env", default="default")
+    up.add_argument("--weights", required=True)
+    up.add_argument("dist", nargs="?", default="dist")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            print("\n".join(build(args.dist)))
+        elif args.command == "fetch-imagenet":
+            print(f"saved ImageNet weights to {fetch_imagenet(args.path)}")
+        elif args.command == "check":
+            check(args.weights, args.engine, args.image)
+            print("deploy check passed: weights load into MobileNetV2; engine has what it needs")
+        elif args.command == "overrides":
+            print(overrides(args.config_env, args.image))
+        else:
+            print("\n".join(upload(args.config_env, args.weights, args.dist)))
+    except DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    for built in build(sys.argv[1] if len(sys.argv) > 1 else "dist"):
-        print(built)
+    raise SystemExit(main())

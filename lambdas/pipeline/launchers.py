@@ -99,7 +99,12 @@ class Ec2Launcher:
                     "HadoopJarStep": {"Jar": "command-runner.jar", "Args": submit},
                 }
             ],
-            BootstrapActions=[{"Name": "job-dependencies", "ScriptBootstrapAction": {"Path": s.bootstrap_uri}}],
+            BootstrapActions=[
+                {
+                    "Name": "job-dependencies",
+                    "ScriptBootstrapAction": {"Path": s.bootstrap_uri, "Args": s.bootstrap_args},
+                }
+            ],
             Configurations=[
                 {
                     "Classification": "spark-defaults",

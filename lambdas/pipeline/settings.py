@@ -73,7 +73,7 @@ class Settings:
     emr_service_role: str
     emr_instance_profile: str
 
-    # Derived locations: one prefix setting each, the layout below them fixed.
+    # Derived locations: one prefix setting each; the layout below artifacts/ is emr_job/package.py's ARTIFACTS.
     @property
     def job_entry_uri(self) -> str:
         return f"s3://{self.bucket}/{self.artifacts_prefix}job/main.py"
@@ -85,6 +85,11 @@ class Settings:
     @property
     def bootstrap_uri(self) -> str:
         return f"s3://{self.bucket}/{self.artifacts_prefix}job/bootstrap.sh"
+
+    @property
+    def bootstrap_args(self) -> list:
+        job = f"s3://{self.bucket}/{self.artifacts_prefix}job/"
+        return [job + "requirements.txt", job + "constraints.txt"]
 
     @property
     def weights_uri(self) -> str:

@@ -1,0 +1,310 @@
+"""The SAM stack: lint and build, and each security / GDPR property checked on the parsed template."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+from cfnlint.decode import decode
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE, _ = decode(str(ROOT / "template.yaml"))
+RESOURCES = TEMPLATE["Resources"]
+BIN = Path(sys.executable).parent
+SAM = ROOT / ".venv-sam" / "bin" / "sam"
+ENGINES = [{"IsServerless": True, "IsEc2": False}, {"IsServerless": False, "IsEc2": True}]
+MODES = [{"UseKms": True}, {"UseKms": False}]
+NO_VALUE = object()
+
+
+def resolve(node, conditions: dict):
+    """Evaluate Fn::If for one set of condition values and drop AWS::NoValue, like CloudFormation does."""
+    if isinstance(node, dict):
+        if set(node) == {"Fn::If"}:
+            name, yes, no = node["Fn::If"]
+            return resolve(yes if conditions.get(name, True) else no, conditions)
+        if node == {"Ref": "AWS::NoValue"}:
+            return NO_VALUE
+        out = {k: resolve(v, conditions) for k, v in node.items()}
+        return {k: v for k, v in out.items() if v is not NO_VALUE}
+    if isinstance(node, list):
+        return [v for v in (resolve(x, conditions) for x in node) if v is not NO_VALUE]
+    return node
+
+
+def as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def identity_statements(conditions: dict) -> dict:
+    """Every Allow/Deny statement of the IAM identity policies the stack creates, by owner."""
+    out = {}
+    for name, res in RESOURCES.items():
+        if res.get("Condition") and not conditions.get(res["Condition"], True):
+            continue
+        props = resolve(res.get("Properties", {}), conditions)
+        docs = []
+        if res["Type"] == "AWS::Serverless::Function":
+            docs = [p for p in props.get("Policies", []) if isinstance(p, dict)]
+        elif res["Type"] == "AWS::IAM::Role":
+            docs = [p["PolicyDocument"] for p in props.get("Policies", [])]
+        elif res["Type"] == "AWS::IAM::ManagedPolicy":
+            docs = [props["PolicyDocument"]]
+        out[name] = [s for doc in docs for s in as_list(doc["Statement"])]
+    return out
+
+
+def arn_text(resource) -> str:
+    if isinstance(resource, dict) and "Fn::Sub" in resource:
+        return resource["Fn::Sub"]
+    if isinstance(resource, dict) and "Fn::GetAtt" in resource:
+        return "${" + ".".join(as_list(resource["Fn::GetAtt"])) + "}"
+    if isinstance(resource, dict) and "Ref" in resource:
+        return "${" + resource["Ref"] + "}"
+    return str(resource)
+
+
+# --- tools ---------------------------------------------------------------------------------------------
+def test_cfn_lint_is_clean():
+    proc = subprocess.run([str(BIN / "cfn-lint"), str(ROOT / "template.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def sam_env():
+    if not SAM.exists():
+        pytest.fail("SAM CLI missing: `make test` installs it into .venv-sam (make sam-setup)")
+    return {**os.environ, "SAM_CLI_TELEMETRY": "0", "AWS_DEFAULT_REGION": "eu-west-3"}
+
+
+def test_sam_validate_lint(sam_env):
+    proc = subprocess.run([str(SAM), "validate", "--lint"], cwd=ROOT, env=sam_env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "is a valid SAM Template" in proc.stdout + proc.stderr
+
+
+def test_sam_build_packages_both_functions(sam_env, tmp_path):
+    build = tmp_path / "build"
+    cmd = [str(SAM), "build", "--build-dir", str(build), "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=sam_env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for function, handler in [("TriggerFunction", "trigger/app.py"), ("JobStateFunction", "job_state/app.py")]:
+        assert (build / function / handler).is_file()
+        assert (build / function / "pipeline" / "coordinator.py").is_file()
+        assert (build / function / "aws_lambda_powertools").is_dir()
+
+
+# --- storage security and GDPR ------------------------------------------------------------------------
+BUCKET = RESOURCES["DataBucket"]["Properties"]
+
+
+@pytest.mark.parametrize("kms", [True, False])
+def test_default_encryption_kms_or_s3_by_parameter(kms):
+    rule = resolve(BUCKET["BucketEncryption"], {"UseKms": kms})["ServerSideEncryptionConfiguration"][0]
+    if kms:
+        assert rule["ServerSideEncryptionByDefault"] == {
+            "SSEAlgorithm": "aws:kms",
+            "KMSMasterKeyID": {"Fn::GetAtt": ["DataKey", "Arn"]},
+        }
+        assert RESOURCES["DataKey"]["Properties"]["EnableKeyRotation"] is True
+    else:
+        assert rule["ServerSideEncryptionByDefault"] == {"SSEAlgorithm": "AES256"}
+    assert rule["BucketKeyEnabled"] is True
+
+
+def test_block_public_access_all_four():
+    assert BUCKET["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True,
+    }  # fmt: skip
+
+
+def test_bucket_policy_denies_plain_http():
+    [statement] = RESOURCES["DataBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    assert statement["Effect"] == "Deny" and statement["Principal"] == "*" and statement["Action"] == "s3:*"
+    assert statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert {arn_text(r) for r in statement["Resource"]} == {"${DataBucket.Arn}", "${DataBucket.Arn}/*"}
+
+
+def test_bucket_owner_enforced_and_versioned():
+    assert BUCKET["OwnershipControls"] == {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+    assert BUCKET["VersioningConfiguration"] == {"Status": "Enabled"}
+
+
+def test_retention_is_a_parameter_for_images_results_logs_and_old_versions():
+    rules = {r.get("Prefix", "*"): r for r in BUCKET["LifecycleConfiguration"]["Rules"]}
+    assert rules["images/"]["ExpirationInDays"] == {"Ref": "ImagesRetentionDays"}
+    assert rules["results/"]["ExpirationInDays"] == {"Ref": "ResultsRetentionDays"}
+    assert rules["logs/"]["ExpirationInDays"] == {"Ref": "LogsRetentionDays"}
+    assert rules["*"]["NoncurrentVersionExpiration"] == {"NoncurrentDays": {"Ref": "NoncurrentVersionRetentionDays"}}
+    for name in ("TriggerLogGroup", "JobStateLogGroup"):
+        assert RESOURCES[name]["Properties"]["RetentionInDays"] == {"Ref": "LogsRetentionDays"}
+
+
+@pytest.mark.parametrize("conditions", ENGINES, ids=["serverless", "ec2"])
+def test_no_notification_loop(conditions):
+    notifications = BUCKET["NotificationConfiguration"]["QueueConfigurations"]
+    assert {n["Filter"]["S3Key"]["Rules"][0]["Value"] for n in notifications} == {"images/"}
+    # ... and nothing the stack runs can write there
+    for owner, statements in identity_statements(conditions).items():
+        for s in statements:
+            if s["Effect"] == "Allow" and {"s3:PutObject", "s3:*", "*"} & set(as_list(s["Action"])):
+                targets = [arn_text(r) for r in as_list(s["Resource"])]
+                assert not any("/images/" in t or t.endswith("Arn}/*") for t in targets), (owner, targets)
+
+
+def test_region_is_eu_west_3_by_default_and_eu_only():
+    config = tomllib.loads((ROOT / "samconfig.toml").read_text())
+    assert {env: c["global"]["parameters"]["region"] for env, c in config.items() if env != "version"} == {
+        "default": "eu-west-3", "dev": "eu-west-3", "prod": "eu-west-3",
+    }  # fmt: skip
+    regions = TEMPLATE["Rules"]["EuropeanRegion"]["Assertions"][0]["Assert"]["Fn::Contains"][0]
+    assert all(r.startswith("eu-") for r in regions) and "eu-west-3" in regions
+
+
+def test_samconfig_environments_and_capabilities():
+    config = tomllib.loads((ROOT / "samconfig.toml").read_text())
+    for env in ("default", "dev", "prod"):
+        deploy = config[env]["deploy"]["parameters"]
+        assert deploy["capabilities"] == "CAPABILITY_IAM" and "Stage=" in deploy["parameter_overrides"]
+    assert config["prod"]["deploy"]["parameters"]["stack_name"] != config["dev"]["deploy"]["parameters"]["stack_name"]
+
+
+# --- IAM ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("conditions", [{**e, **m} for e in ENGINES for m in MODES])
+def test_no_wildcard_action_on_wildcard_resource(conditions):
+    for owner, statements in identity_statements(conditions).items():
+        for s in statements:
+            actions, resources = as_list(s["Action"]), as_list(s["Resource"])
+            wild_action = any(a == "*" or a.endswith(":*") for a in actions)
+            assert not (wild_action and "*" in resources), (owner, s)
+
+
+def test_runtime_role_reads_images_and_artifacts_writes_results_and_logs_only():
+    statements = identity_statements({"UseKms": True, **ENGINES[0]})["JobDataPolicy"]
+    reads = {arn_text(r) for s in statements if "s3:GetObject" in as_list(s["Action"]) for r in as_list(s["Resource"])}
+    writes = {arn_text(r) for s in statements if "s3:PutObject" in as_list(s["Action"]) for r in as_list(s["Resource"])}
+    assert writes == {"${DataBucket.Arn}/results/*", "${DataBucket.Arn}/logs/*"}
+    assert reads - writes == {
+        "${DataBucket.Arn}/images/*", "${DataBucket.Arn}/artifacts/*", "${DataBucket.Arn}/manifests/runs/*",
+    }  # fmt: skip
+    role = RESOURCES["EmrRuntimeRole"]["Properties"]
+    assert role["ManagedPolicyArns"] == [{"Ref": "JobDataPolicy"}]
+    assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": "emr-serverless.amazonaws.com"}
+
+
+@pytest.mark.parametrize(
+    "conditions, roles, services",
+    [
+        (ENGINES[0], {"${EmrRuntimeRole.Arn}"}, ["emr-serverless.amazonaws.com"]),
+        (ENGINES[1], {"${EmrServiceRole.Arn}", "${EmrInstanceRole.Arn}"},
+         ["elasticmapreduce.amazonaws.com", "ec2.amazonaws.com"]),
+    ],
+    ids=["serverless", "ec2"],
+)  # fmt: skip
+def test_pass_role_only_on_the_job_roles_and_only_to_emr(conditions, roles, services):
+    for owner, statements in identity_statements(conditions).items():
+        for s in statements:
+            if "iam:PassRole" in as_list(s["Action"]):
+                assert owner in ("TriggerFunction", "JobStateFunction")
+                assert {arn_text(r) for r in as_list(s["Resource"])} == roles
+                assert s["Condition"] == {"StringEquals": {"iam:PassedToService": services}}
+
+
+# The AWS calls each function's code makes (boto3 and Powertools), per engine.
+COMMON = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket", "dynamodb:GetItem",
+          "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "kms:Decrypt", "kms:GenerateDataKey",
+          "iam:PassRole"}  # fmt: skip
+START = {
+    "serverless": {"emr-serverless:StartJobRun", "emr-serverless:TagResource"},
+    "ec2": {"elasticmapreduce:RunJobFlow", "elasticmapreduce:ListClusters", "elasticmapreduce:AddTags"},
+}
+
+
+@pytest.mark.parametrize("engine", ["serverless", "ec2"])
+def test_each_function_holds_only_the_actions_it_calls(engine):
+    conditions = {"UseKms": True, **ENGINES[0 if engine == "serverless" else 1]}
+    statements = identity_statements(conditions)
+    granted = {
+        f: {a for s in statements[f] for a in as_list(s["Action"])} for f in ("TriggerFunction", "JobStateFunction")
+    }
+    assert granted["TriggerFunction"] == COMMON | START[engine] | {"sqs:SendMessage"}
+    assert granted["JobStateFunction"] == COMMON | START[engine] | {"sns:Publish"}
+
+
+# --- wiring ------------------------------------------------------------------------------------------
+def test_environment_variables_are_exactly_those_the_code_reads():
+    sys.path.insert(0, str(ROOT / "lambdas"))
+    from pipeline.settings import ENV_VARS, POWERTOOLS_ENV_VARS
+
+    declared = set(TEMPLATE["Globals"]["Function"]["Environment"]["Variables"])
+    assert declared == set(ENV_VARS) | set(POWERTOOLS_ENV_VARS)
+    for res in RESOURCES.values():
+        assert "Environment" not in res.get("Properties", {}), "functions take configuration from Globals only"
+    # ... and only settings.py reads the environment
+    for path in (ROOT / "lambdas").rglob("*.py"):
+        if path.name != "settings.py":
+            assert not re.search(r"os\.environ|getenv", path.read_text()), path
+
+
+def test_queue_feeds_the_trigger_with_partial_failures_and_a_dead_letter_queue():
+    queue = RESOURCES["UploadQueue"]["Properties"]
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": ["UploadDeadLetterQueue", "Arn"]}
+    trigger = RESOURCES["TriggerFunction"]["Properties"]
+    source = trigger["Events"]["Uploads"]["Properties"]
+    assert source["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert source["BatchSize"] == 10000 and source["MaximumBatchingWindowInSeconds"] > 0
+    assert trigger["ReservedConcurrentExecutions"] == 1
+    # Lambda needs visibility >= 6 x timeout for SQS sources; the window adds to it
+    assert (
+        queue["VisibilityTimeout"]
+        >= 6 * TEMPLATE["Globals"]["Function"]["Timeout"] + source["MaximumBatchingWindowInSeconds"]
+    )
+
+
+def test_job_state_function_follows_emr_state_changes():
+    events = RESOURCES["JobStateFunction"]["Properties"]["Events"]
+    patterns = {name: e["Properties"]["Pattern"] for name, e in events.items() if e["Type"] == "EventBridgeRule"}
+    assert patterns["ServerlessRunEnded"]["detail-type"] == ["EMR Serverless Job Run State Change"]
+    assert set(patterns["ServerlessRunEnded"]["detail"]["state"]) == {"SUCCESS", "FAILED", "CANCELLED"}
+    assert patterns["ClusterStepEnded"]["detail-type"] == ["EMR Step Status Change"]
+
+
+def test_emr_serverless_application_is_cheap_when_idle():
+    app = RESOURCES["EmrApplication"]["Properties"]
+    assert app["Type"] == "Spark" and app["ReleaseLabel"] == {"Ref": "EmrReleaseLabel"}
+    assert TEMPLATE["Parameters"]["EmrReleaseLabel"]["Default"].startswith("emr-7.")
+    assert app["AutoStartConfiguration"] == {"Enabled": True}
+    assert app["AutoStopConfiguration"] == {"Enabled": True, "IdleTimeoutMinutes": 15}
+    assert set(app["MaximumCapacity"]) == {"Cpu", "Memory", "Disk"}
+    assert "InitialCapacity" not in app  # no pre-initialized (billed while idle) workers
+    assert resolve(app["ImageConfiguration"], {"HasCustomImage": True}) == {"ImageUri": {"Ref": "CustomImageUri"}}
+    rule = TEMPLATE["Rules"]["ServerlessNeedsTheJobImage"]
+    assert "CustomImageUri" in rule["Assertions"][0]["AssertDescription"]
+
+
+def test_lock_table_has_ttl_and_alerts_have_a_topic():
+    table = RESOURCES["RunsTable"]["Properties"]
+    assert table["TimeToLiveSpecification"] == {"AttributeName": "expiration", "Enabled": True}
+    assert table["KeySchema"] == [{"AttributeName": "id", "KeyType": "HASH"}]
+    assert RESOURCES["AlertTopic"]["Type"] == "AWS::SNS::Topic"
+    alarms = [r for r in RESOURCES.values() if r["Type"] == "AWS::CloudWatch::Alarm"]
+    assert alarms and all(a["Properties"]["AlarmActions"] == [{"Ref": "AlertTopic"}] for a in alarms)
+
+
+def test_artifact_layout_agrees_between_packaging_and_launchers():
+    sys.path.insert(0, str(ROOT / "lambdas"))
+    from pipeline.settings import load
+
+    from emr_job.package import ARTIFACTS, WEIGHTS_KEY
+
+    s = load(
+        {"BUCKET": "b", "TABLE_NAME": "t", "EMR_APPLICATION_ID": "a", "EMR_RUNTIME_ROLE_ARN": "r", "QUIET_SECONDS": "0"}
+    )
+    base = "s3://b/artifacts/"
+    assert {s.job_entry_uri, s.job_archive_uri, s.bootstrap_uri, *s.bootstrap_args} == {
+        base + k for k in ARTIFACTS.values()
+    }
+    assert s.weights_uri == base + WEIGHTS_KEY
