@@ -95,7 +95,7 @@ def featurize_partition(
     ctx = TaskContext.get()
     threads = ctx.cpus() if ctx is not None else 1
     part = ctx.partitionId() if ctx is not None else 0
-    run = None
+    run, ready = None, 0.0
     done, last_report, started = 0, time.monotonic(), time.monotonic()
     ok_rows: list[dict] = []
     ok_pixels: list[np.ndarray] = []
@@ -121,6 +121,7 @@ def featurize_partition(
             if len(ok_rows) == batch_size or (ok_rows and not pending and exhausted):
                 if run is None:
                     run = model.featurizer(weights, fingerprint, batch_size, threads)
+                    ready = time.monotonic() - started
                 features = model.features_for(run, np.stack(ok_pixels), batch_size)
                 yield _ok_batch(ok_rows, features)
                 done += len(ok_rows)
@@ -134,3 +135,5 @@ def featurize_partition(
                 rate = done / (now - started)
                 print(f"  partition {part}: {done} images, {rate:.0f}/s", file=sys.stderr, flush=True)
                 last_report = now
+    took = time.monotonic() - started
+    print(f"  partition {part}: {done} images in {took:.1f}s (model ready after {ready:.1f}s)", file=sys.stderr)

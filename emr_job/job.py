@@ -8,17 +8,19 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from emr_job import model, report
-from emr_job.featurize import FAILED, IN_SCHEMA, OK, OUT_SCHEMA, featurize_partition
+from emr_job.featurize import FAILED, GONE, IN_SCHEMA, OK, OUT_SCHEMA, featurize_partition
 from emr_job.pca import (
     MOMENTS_SCHEMA,
     PROJECTION_SCHEMA,
@@ -30,7 +32,7 @@ from emr_job.pca import (
 from emr_job.storage import Image, Output, label_of, list_images, read_manifest
 
 RESULTS = ("features", "pca", "failures")
-IMAGES_PER_TASK = 2000  # tasks long enough to amortise the per-worker model build, short enough to balance
+IMAGES_PER_TASK = 4000  # long tasks amortise per-task set-up; more tasks than cores only past this size
 ROWS_PER_FILE = 20000
 # Failures worth retrying next run even if the file did not change.
 TRANSIENT_REASONS = ("read error",)
@@ -111,7 +113,8 @@ def plan_run(cfg: JobConfig, store: dict, failures: dict, fingerprint: str) -> P
     return plan
 
 
-def run(spark: SparkSession, cfg: JobConfig, log=print) -> dict:
+def run(spark: SparkSession, cfg: JobConfig, log=print, weights_loading=None) -> dict:
+    """weights_loading: (Weights, Future of their arrays) started before the session, or None to load here."""
     timer = Timer()
     out = Output(spark, cfg.output)
     run_id = (read_manifest(cfg.manifest).run_id if cfg.manifest else "") or (
@@ -119,70 +122,43 @@ def run(spark: SparkSession, cfg: JobConfig, log=print) -> dict:
     )
     staging = out.path("_staging", run_id)
     out.delete(out.path("_staging"))  # left over by a run that died before publishing
-    workdir = tempfile.mkdtemp(prefix="emr_job-")
-    weights = model.resolve_weights(cfg.weights, workdir)
+    if weights_loading is None:
+        weights, arrays = model.resolve_weights(cfg.weights, tempfile.mkdtemp(prefix="emr_job-")), None
+    else:
+        weights, arrays = weights_loading
 
     old_features, old_failures = _previous(spark, out, "features"), _previous(spark, out, "failures")
-    store = {}
+    store, failures = {}, {}
     if old_features is not None:
         store = {r.path: (r.version, r.weights) for r in old_features.select("path", "version", "weights").collect()}
-    failures = {}
     if old_failures is not None:
-        failures = {r.path: (r.version, r.reason) for r in old_failures.select("path", "version", "reason").collect()}
+        failures = {r.path: (r.version, r.reason, r.label) for r in old_failures.collect()}
     plan = plan_run(cfg, store, failures, weights.fingerprint)
     timer.lap("list")
     log(f"{len(plan.featurize)} images to featurize, {len(store)} in the store, {plan.removed} removed")
 
-    new_path = f"{staging}/new"
+    new = spark.createDataFrame([], OUT_SCHEMA)
     if plan.featurize:
-        arrays = model.load_arrays(weights)
+        warm_workers(spark, cfg.batch_size)  # meanwhile the driver's own TensorFlow import finishes
+        arrays = arrays.result() if arrays is not None else model.load_arrays(weights)
         timer.lap("load_weights")
-        weights_bc = spark.sparkContext.broadcast(arrays)
-        parallelism = spark.sparkContext.defaultParallelism
-        slices = parallelism * max(1, math.ceil(len(plan.featurize) / IMAGES_PER_TASK / parallelism))
-        rows = [(img.path, img.label, img.version) for img in plan.featurize]
-        tasks = spark.createDataFrame(spark.sparkContext.parallelize(rows, slices), IN_SCHEMA)
-        body = partial(
-            featurize_partition,
-            weights=weights_bc,
-            fingerprint=weights.fingerprint,
-            batch_size=cfg.batch_size,
-            io_threads=cfg.io_threads,
-        )
-        tasks.mapInArrow(body, OUT_SCHEMA).write.parquet(new_path)
-        weights_bc.unpersist()
-        new = spark.read.parquet(new_path)
-    else:
-        new = spark.createDataFrame([], OUT_SCHEMA)
+        new = featurize(spark, cfg, plan, weights, arrays, f"{staging}/new")
     timer.lap("featurize")
 
-    drop = spark.createDataFrame([(p,) for p in plan.drop], "path string")
-    kept_features = old_features.join(F.broadcast(drop), "path", "left_anti") if old_features is not None else None
-    new_ok = new.filter(F.col("status") == OK).select(
-        "path", "label", "features", "version", F.lit(weights.fingerprint).alias("weights")
-    )
-    features_df = new_ok if kept_features is None else kept_features.select(new_ok.columns).unionByName(new_ok)
-    n_features_rows = features_df.count()
-    features_df.coalesce(max(1, math.ceil(n_features_rows / ROWS_PER_FILE))).write.parquet(f"{staging}/features")
-
-    early = spark.createDataFrame(
-        [(img.path, reason, img.label, img.version) for img, reason in plan.early_failures],
-        "path string, reason string, label string, version string",
-    )
-    new_failed = new.filter(F.col("status") == FAILED).select("path", "reason", "label", "version")
-    failures_df = new_failed.unionByName(early)
-    if old_failures is not None:
-        failures_df = (
-            old_failures.join(F.broadcast(drop), "path", "left_anti")
-            .select(failures_df.columns)
-            .unionByName(failures_df)
-        )
-    failures_df.coalesce(1).write.parquet(f"{staging}/failures")
-    failure_rows = spark.read.parquet(f"{staging}/failures").select("reason").collect()
-    counts = {r.status: r["count"] for r in new.groupBy("status").count().collect()}
+    # Every input row gives one output row, so the small non-ok part tells all the counts.
+    not_ok = new.filter(F.col("status") != OK).select("path", "label", "version", "status", "reason").collect()
+    new_failures = [(r.path, r.reason, r.label, r.version) for r in not_ok if r.status == FAILED]
+    featurized = len(plan.featurize) - len(not_ok)
+    kept = [(p, reason, label, version) for p, (version, reason, label) in failures.items() if p not in plan.drop]
+    early = [(img.path, reason, img.label, img.version) for img, reason in plan.early_failures]
+    failure_rows = kept + new_failures + early
+    n_ok = len(store.keys() - plan.drop) + featurized
+    write_features(spark, old_features, new, plan.drop, weights.fingerprint, n_ok, f"{staging}/features")
+    spark.createDataFrame(failure_rows, "path string, reason string, label string, version string").coalesce(
+        1
+    ).write.parquet(f"{staging}/failures")
     timer.lap("write")
 
-    features = spark.read.parquet(f"{staging}/features")
     rpt = {
         "run_id": run_id,
         "finished_at": None,
@@ -190,15 +166,15 @@ def run(spark: SparkSession, cfg: JobConfig, log=print) -> dict:
         "output": cfg.output,
         "manifest": cfg.manifest,
         "weights": weights.description,
-        "images_total": n_features_rows + len(failure_rows),
-        "images_ok": n_features_rows,
+        "images_total": n_ok + len(failure_rows),
+        "images_ok": n_ok,
         "images_failed": len(failure_rows),
-        "images_featurized": counts.get(OK, 0),
-        "images_failed_this_run": counts.get(FAILED, 0) + len(plan.early_failures),
-        "images_reused": n_features_rows - counts.get(OK, 0),
-        "images_removed": plan.removed + counts.get("gone", 0),
+        "images_featurized": featurized,
+        "images_failed_this_run": len(new_failures) + len(early),
+        "images_reused": n_ok - featurized,
+        "images_removed": plan.removed + sum(r.status == GONE for r in not_ok),
         "files_ignored": plan.ignored,
-        "failures_by_reason": dict(Counter(r.reason.split(":")[0] for r in failure_rows)),
+        "failures_by_reason": dict(Counter(reason.split(":")[0] for _, reason, _, _ in failure_rows)),
         "variance_target": cfg.variance if cfg.k is None else None,
         "k": None,
         "explained_variance_ratio": [],
@@ -206,29 +182,7 @@ def run(spark: SparkSession, cfg: JobConfig, log=print) -> dict:
         "pca_skipped": None,
         "plots": [],
     }
-    plots = {}
-    try:
-        moments = features.select("features").mapInArrow(partition_moments, MOMENTS_SCHEMA).collect()
-        pca = fit_from_moments(moments, cfg.variance if cfg.k is None else None, cfg.k)
-        body = partial(project_partition, mean=pca.mean, components=pca.components)
-        coords = features.select("path", "label", "features").mapInArrow(body, PROJECTION_SCHEMA)
-        coords.write.parquet(f"{staging}/pca")
-        rpt.update(
-            k=pca.k,
-            explained_variance_ratio=[float(x) for x in pca.explained_variance_ratio],
-            explained_variance_total=float(pca.explained_variance_ratio.sum()),
-        )
-        sample = spark.read.parquet(f"{staging}/pca").limit(report.MAX_SCATTER_POINTS).collect()
-        plots["explained_variance.png"] = report.variance_plot(pca.all_ratios, pca.k, rpt["variance_target"])
-        plots["pca_scatter.png"] = report.scatter_plot(
-            np.array([r.pca[:2] for r in sample], dtype=np.float32), [r.label for r in sample]
-        )
-    except PcaError as exc:
-        if cfg.k is not None and n_features_rows >= 2:
-            raise  # the user asked for a k this data cannot give
-        rpt["pca_skipped"] = str(exc)
-        log(f"PCA skipped: {exc}")
-        spark.createDataFrame([], PROJECTION_SCHEMA).write.parquet(f"{staging}/pca")
+    plots = fit_and_project(spark, cfg, rpt, f"{staging}/features", f"{staging}/pca", n_ok, log)
     timer.lap("pca")
 
     for name, data in plots.items():
@@ -241,6 +195,94 @@ def run(spark: SparkSession, cfg: JobConfig, log=print) -> dict:
     publish(out, staging, [*plots, "report.json"])
     out.delete(out.path("_staging"))
     return rpt
+
+
+def featurize(spark: SparkSession, cfg: JobConfig, plan: Plan, weights, arrays: list, path: str) -> DataFrame:
+    """The model pass, written once to staging: everything after it reads the result, never recomputes."""
+    weights_bc = spark.sparkContext.broadcast(arrays)
+    tasks = task_frame(spark, [(img.path, img.label, img.version) for img in plan.featurize])
+    body = partial(
+        featurize_partition,
+        weights=weights_bc,
+        fingerprint=weights.fingerprint,
+        batch_size=cfg.batch_size,
+        io_threads=cfg.io_threads,
+    )
+    tasks.mapInArrow(body, OUT_SCHEMA).write.parquet(path)
+    weights_bc.unpersist()
+    return spark.read.parquet(path)
+
+
+def write_features(spark, old_features, new: DataFrame, drop: set, fingerprint: str, n_rows: int, path: str):
+    """The store: old rows still valid plus the new ones, in files of about ROWS_PER_FILE rows."""
+    features = new.filter(F.col("status") == OK).select(
+        "path", "label", "features", "version", F.lit(fingerprint).alias("weights")
+    )
+    if old_features is not None:
+        gone = spark.createDataFrame([(p,) for p in drop], "path string")
+        kept = old_features.join(F.broadcast(gone), "path", "left_anti").select(features.columns)
+        features = kept.unionByName(features)
+    features.coalesce(max(1, math.ceil(n_rows / ROWS_PER_FILE))).write.parquet(path)
+
+
+def fit_and_project(spark, cfg: JobConfig, rpt: dict, features_path: str, pca_path: str, n_ok: int, log) -> dict:
+    """Fit PCA on the whole store, write the projections, update the report; returns the plots as PNG bytes."""
+    features = spark.read.parquet(features_path)
+    try:
+        moments = features.select("features").mapInArrow(partition_moments, MOMENTS_SCHEMA).collect()
+        pca = fit_from_moments(moments, cfg.variance if cfg.k is None else None, cfg.k)
+    except PcaError as exc:
+        if cfg.k is not None and n_ok >= 2:
+            raise  # the user asked for a k this data cannot give
+        rpt["pca_skipped"] = str(exc)
+        log(f"PCA skipped: {exc}")
+        spark.createDataFrame([], PROJECTION_SCHEMA).write.parquet(pca_path)
+        return {}
+    rpt.update(
+        k=pca.k,
+        explained_variance_ratio=[float(x) for x in pca.explained_variance_ratio],
+        explained_variance_total=float(pca.explained_variance_ratio.sum()),
+    )
+    with ThreadPoolExecutor(1) as pool:  # matplotlib draws while Spark writes the projections
+        variance_png = pool.submit(report.variance_plot, pca.all_ratios, pca.k, rpt["variance_target"])
+        body = partial(project_partition, mean=pca.mean, components=pca.components)
+        features.select("path", "label", "features").mapInArrow(body, PROJECTION_SCHEMA).write.parquet(pca_path)
+        sample = spark.read.parquet(pca_path).limit(report.MAX_SCATTER_POINTS).collect()
+        coords = np.array([r.pca[:2] for r in sample], dtype=np.float32).reshape(len(sample), -1)
+        return {
+            "explained_variance.png": variance_png.result(),
+            "pca_scatter.png": report.scatter_plot(coords, [r.label for r in sample]),
+        }
+
+
+def task_frame(spark: SparkSession, rows: list) -> DataFrame:
+    """Images to featurize in evenly sized partitions, a multiple of the cores.
+
+    The round-robin repartition runs in the JVM on a few KB of paths. Without it, parallelize() (which
+    createDataFrame(list) uses) slices by 1024-row serialization batches: one task gets the remainder and
+    a core idles while it finishes."""
+    parallelism = spark.sparkContext.defaultParallelism
+    slices = parallelism * max(1, math.ceil(len(rows) / IMAGES_PER_TASK / parallelism))
+    return spark.createDataFrame(rows, IN_SCHEMA).repartition(slices)
+
+
+def _prepare_worker(batches, batch_size: int):
+    from pyspark import TaskContext
+
+    for _ in batches:
+        pass
+    ctx = TaskContext.get()
+    model.compiled(batch_size, ctx.cpus() if ctx is not None else 1)
+    yield pa.RecordBatch.from_pydict({"ok": [True]})
+
+
+def warm_workers(spark: SparkSession, batch_size: int) -> None:
+    """Build and trace the network (~4 s) in each Python worker now, while the driver loads the weights.
+
+    Through mapInArrow like the real work: Spark reuses those workers for it, not the RDD API's."""
+    n = spark.sparkContext.defaultParallelism
+    cells = spark.createDataFrame([(i,) for i in range(n)], "i int").repartition(n)
+    cells.mapInArrow(partial(_prepare_worker, batch_size=batch_size), "ok boolean").collect()
 
 
 def publish(out: Output, staging: str, files: list) -> None:

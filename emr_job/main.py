@@ -6,14 +6,16 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by spark-submit: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from emr_job.images import ImageError  # noqa: E402  (after the sys.path fix above)
-from emr_job.model import WeightsError  # noqa: E402
+from emr_job.model import WeightsError, load_arrays, resolve_weights  # noqa: E402
 from emr_job.pca import PcaError  # noqa: E402
 
 log = logging.getLogger("emr_job")
@@ -81,15 +83,23 @@ def main(argv=None) -> int:
         batch_size=args.batch_size,
         io_threads=args.io_threads,
     )
-    spark = spark_session()
-    log.info("spark session ready in %.1fs", time.monotonic() - started)
     try:
-        rpt = run(spark, cfg, log=log.info)
-    except (WeightsError, PcaError, ImageError, FileNotFoundError, ValueError) as exc:
-        log.error("run failed, previous results left as they were: %s", exc)
+        weights = resolve_weights(cfg.weights, tempfile.mkdtemp(prefix="emr_job-"))
+    except WeightsError as exc:
+        log.error("%s", exc)
         return 1
-    finally:
-        spark.stop()
+    # The driver's TensorFlow import and weight loading overlap the JVM's start.
+    with ThreadPoolExecutor(1) as pool:
+        arrays = pool.submit(load_arrays, weights)
+        spark = spark_session()
+        log.info("spark session ready in %.1fs", time.monotonic() - started)
+        try:
+            rpt = run(spark, cfg, log=log.info, weights_loading=(weights, arrays))
+        except (WeightsError, PcaError, ImageError, FileNotFoundError, ValueError) as exc:
+            log.error("run failed, previous results left as they were: %s", exc)
+            return 1
+        finally:
+            spark.stop()
     print(summary(rpt), flush=True)
     return 0
 

@@ -87,13 +87,13 @@ def load_arrays(weights: Weights) -> list:
     return net.get_weights()
 
 
-_FEATURIZER: dict = {}
+_COMPILED: dict = {}  # batch size -> (network, compiled call); one per Python worker process
+_LOADED: dict = {}  # batch size -> fingerprint of the weights now in that network
 
 
-def featurizer(weights_broadcast, fingerprint: str, batch_size: int, threads: int):
-    """Per Python worker: build the network once, return a compiled uint8 batch -> features function."""
-    key = (fingerprint, batch_size)
-    if key not in _FEATURIZER:
+def compiled(batch_size: int, threads: int):
+    """Per Python worker, once: TensorFlow threads, the network, its call traced for a fixed batch shape."""
+    if batch_size not in _COMPILED:
         tf = _tf()
         try:  # only possible before TF's runtime starts; the first build in a worker wins
             tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -101,7 +101,6 @@ def featurizer(weights_broadcast, fingerprint: str, batch_size: int, threads: in
         except RuntimeError:
             pass
         net = build_network()
-        net.set_weights(weights_broadcast.value)
 
         # Fixed batch shape: one trace, no retracing on the last, shorter batch (it is padded).
         @tf.function(input_signature=[tf.TensorSpec([batch_size, 224, 224, 3], tf.uint8)])
@@ -109,9 +108,18 @@ def featurizer(weights_broadcast, fingerprint: str, batch_size: int, threads: in
             x = tf.cast(images, tf.float32) / 127.5 - 1.0  # mobilenet_v2.preprocess_input
             return net(x, training=False)
 
-        _FEATURIZER.clear()
-        _FEATURIZER[key] = run
-    return _FEATURIZER[key]
+        run(np.zeros((batch_size, 224, 224, 3), np.uint8))  # trace now, not on the first real batch
+        _COMPILED[batch_size] = (net, run)
+    return _COMPILED[batch_size]
+
+
+def featurizer(weights_broadcast, fingerprint: str, batch_size: int, threads: int):
+    """The compiled call with the broadcast weights in place (assigned once per worker and weights)."""
+    net, run = compiled(batch_size, threads)
+    if _LOADED.get(batch_size) != fingerprint:
+        net.set_weights(weights_broadcast.value)  # variables are captured by reference: no retrace
+        _LOADED[batch_size] = fingerprint
+    return run
 
 
 def features_for(run, images: np.ndarray, batch_size: int) -> np.ndarray:
