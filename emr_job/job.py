@@ -22,18 +22,19 @@ from pyspark.sql import functions as F
 from emr_job import model, report
 from emr_job.featurize import FAILED, GONE, IN_SCHEMA, OK, OUT_SCHEMA, featurize_partition
 from emr_job.pca import (
+    FILES_SCHEMA,
     MOMENTS_SCHEMA,
     PROJECTION_SCHEMA,
     PcaError,
+    file_moments,
+    file_projection,
     fit_from_moments,
-    partition_moments,
-    project_partition,
 )
 from emr_job.storage import Image, Output, label_of, list_images, read_manifest
 
 RESULTS = ("features", "pca", "failures")
 IMAGES_PER_TASK = 4000  # long tasks amortise per-task set-up; more tasks than cores only past this size
-ROWS_PER_FILE = 20000
+ROWS_PER_FILE = 10000  # ~50 MB of features per file: the unit of parallelism of the PCA passes
 # Failures worth retrying next run even if the file did not change.
 TRANSIENT_REASONS = ("read error",)
 
@@ -182,7 +183,7 @@ def run(spark: SparkSession, cfg: JobConfig, log=print, weights_loading=None) ->
         "pca_skipped": None,
         "plots": [],
     }
-    plots = fit_and_project(spark, cfg, rpt, f"{staging}/features", f"{staging}/pca", n_ok, log)
+    plots = fit_and_project(spark, out, cfg, rpt, f"{staging}/features", f"{staging}/pca", n_ok, log)
     timer.lap("pca")
 
     for name, data in plots.items():
@@ -225,11 +226,12 @@ def write_features(spark, old_features, new: DataFrame, drop: set, fingerprint: 
     features.coalesce(max(1, math.ceil(n_rows / ROWS_PER_FILE))).write.parquet(path)
 
 
-def fit_and_project(spark, cfg: JobConfig, rpt: dict, features_path: str, pca_path: str, n_ok: int, log) -> dict:
+def fit_and_project(spark, out: Output, cfg: JobConfig, rpt: dict, features_path: str, pca_path: str, n_ok: int, log):
     """Fit PCA on the whole store, write the projections, update the report; returns the plots as PNG bytes."""
-    features = spark.read.parquet(features_path)
+    files = out.list_files(features_path, ".parquet")
+    tasks = spark.createDataFrame([(f,) for f in files], FILES_SCHEMA)  # a few names: one per slice already
     try:
-        moments = features.select("features").mapInArrow(partition_moments, MOMENTS_SCHEMA).collect()
+        moments = tasks.mapInArrow(file_moments, MOMENTS_SCHEMA).collect()
         pca = fit_from_moments(moments, cfg.variance if cfg.k is None else None, cfg.k)
     except PcaError as exc:
         if cfg.k is not None and n_ok >= 2:
@@ -245,8 +247,8 @@ def fit_and_project(spark, cfg: JobConfig, rpt: dict, features_path: str, pca_pa
     )
     with ThreadPoolExecutor(1) as pool:  # matplotlib draws while Spark writes the projections
         variance_png = pool.submit(report.variance_plot, pca.all_ratios, pca.k, rpt["variance_target"])
-        body = partial(project_partition, mean=pca.mean, components=pca.components)
-        features.select("path", "label", "features").mapInArrow(body, PROJECTION_SCHEMA).write.parquet(pca_path)
+        body = partial(file_projection, mean=pca.mean, components=pca.components)
+        tasks.mapInArrow(body, PROJECTION_SCHEMA).write.parquet(pca_path)
         sample = spark.read.parquet(pca_path).limit(report.MAX_SCATTER_POINTS).collect()
         coords = np.array([r.pca[:2] for r in sample], dtype=np.float32).reshape(len(sample), -1)
         return {

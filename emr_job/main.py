@@ -60,6 +60,8 @@ def spark_session():
             .config("spark.ui.showConsoleProgress", "false")
             .config("spark.sql.shuffle.partitions", "8")
             .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "2g"))
+            # Spark runs one task per core: numpy's BLAS threads in each would only oversubscribe them.
+            .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1")
         )
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")

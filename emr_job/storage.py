@@ -149,6 +149,11 @@ class Output:
         if not self._fs.rename(self._Path(src), self._Path(dst)):
             raise OSError(f"could not move {src} to {dst}")
 
+    def list_files(self, path: str, suffix: str) -> list:
+        """Data files in a folder Spark wrote, as URIs the executors can open (file:/... or s3://...)."""
+        found = [str(status.getPath().toString()) for status in self._fs.listStatus(self._Path(path))]
+        return sorted(f for f in found if f.endswith(suffix))
+
     def write_bytes(self, path: str, data: bytes) -> None:
         stream = self._fs.create(self._Path(path), True)
         try:

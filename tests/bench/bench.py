@@ -1,0 +1,351 @@
+"""`make bench`: the numbers docs/PERFORMANCE.md reports, measured in one run on this machine.
+
+  model limit     MobileNetV2 as a tf.function on uint8 tensors already in RAM, one process, TF's own threads
+  job             cold `python -m emr_job` on N synthetic 100x100 JPEGs: wall time, stages, peak RSS per process
+  incremental     the same output re-run with 1% new images
+  scale           the cold job on SCALE_N images: peak RSS per process should not grow with N
+  pca             emr_job.pca against pyspark.ml.feature.PCA on the same 20,000 x 1280 features, k=100
+  trigger         the trigger handler on a 10,000-record SQS batch (moto): AWS calls and handler time
+
+Prints one JSON line (and writes it to OUT/bench.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "lambdas")]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+
+LIMIT_CODE = """
+import json, sys, time
+import numpy as np
+from emr_job.model import build_network, _tf
+tf = _tf()
+batch, seconds = int(sys.argv[1]), float(sys.argv[2])
+net = build_network()
+@tf.function(input_signature=[tf.TensorSpec([batch, 224, 224, 3], tf.uint8)])
+def run(images):
+    return net(tf.cast(images, tf.float32) / 127.5 - 1.0, training=False)
+x = np.random.default_rng(0).integers(0, 255, (batch, 224, 224, 3), dtype=np.uint8)
+run(x).numpy()
+n, start = 0, time.perf_counter()
+while time.perf_counter() - start < seconds:
+    run(x).numpy()
+    n += batch
+print(json.dumps({"limit_img_s": n / (time.perf_counter() - start)}))
+"""
+
+
+# --- processes and memory ------------------------------------------------------------------------------
+def _children() -> dict:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                parents[int(entry)] = int(fields[1])
+            except OSError:
+                continue
+    return parents
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _kind(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "other"
+    if "java" in cmd.split(" ")[0]:
+        return "jvm"
+    if "pyspark.daemon" in cmd:
+        return "python_worker"
+    if "emr_job" in cmd:
+        return "driver"
+    return "other"
+
+
+def run_measured(cmd: list) -> dict:
+    """Run cmd; sample the RSS of its whole process tree every 0.2 s. Peak MB per kind of process."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks: dict = {}
+    peak_total = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            parents, tree, frontier = _children(), set(), {proc.pid}
+            while frontier:
+                tree |= frontier
+                frontier = {p for p, pp in parents.items() if pp in frontier} - tree
+            total = 0
+            for pid in tree:
+                rss = _rss_kb(pid)
+                total += rss
+                kind = _kind(pid)
+                peaks[kind] = max(peaks.get(kind, 0), rss)
+            peak_total[0] = max(peak_total[0], total)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    start = time.perf_counter()
+    sampler.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return {
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": {k: round(v / 1024) for k, v in sorted(peaks.items()) if k != "other"},
+        "peak_rss_total_mb": round(peak_total[0] / 1024),
+        "stdout": out,
+    }
+
+
+# --- the job -------------------------------------------------------------------------------------------
+def make_images(root: Path, n: int, seed: int = 0, prefix: str = "") -> int:
+    import numpy as np
+
+    from emr_job.sample import FRUITS, fruit_image
+
+    rng = np.random.default_rng(seed)
+    labels = list(FRUITS.items())
+    for i in range(n):
+        label, (colour, shape) = labels[i % len(labels)]
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        fruit_image(colour, shape, rng).save(folder / f"{prefix}{i:06d}.jpg", quality=90)
+    return n
+
+
+def model_limit(batch: int, seconds: float) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", LIMIT_CODE, str(batch), str(seconds)], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])["limit_img_s"]
+
+
+def job(images: Path, output: Path, weights: Path) -> dict:
+    cmd = [sys.executable, "-m", "emr_job", "--input", str(images), "--output", str(output), "--weights", str(weights)]
+    measured = run_measured(cmd)
+    report = json.loads((output / "report.json").read_text())
+    stages = dict(report["timings_s"])
+    stages["startup"] = round(measured["wall_s"] - stages.pop("total"), 2)  # interpreter, JVM, exit
+    return {**measured, "report": report, "stages_s": stages}
+
+
+def save_weights(path: Path) -> None:
+    code = (
+        "import sys; from emr_job.model import build_network, _tf; tf = _tf(); tf.keras.utils.set_random_seed(1);"
+        " build_network().save_weights(sys.argv[1])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=ENV, check=True, capture_output=True)
+
+
+# --- PCA -----------------------------------------------------------------------------------------------
+def pca_benchmark(work: Path, rows: int = 20000, k: int = 100) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from emr_job.main import spark_session
+    from emr_job.pca import FILES_SCHEMA, MOMENTS_SCHEMA, file_moments, fit_from_moments
+
+    # Features shaped like MobileNetV2's: non-negative, a decaying spectrum, 1280 wide.
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(200, 1280))
+    scales = 1.0 / np.arange(1, 201) ** 0.8
+    x = np.clip(rng.normal(size=(rows, 200)) * scales @ basis * 0.3 + 1.0, 0, 6).astype(np.float32)
+    folder = work / "pca_features"
+    folder.mkdir()
+    files = []
+    for part in range(2):  # as the job writes them: files of ROWS_PER_FILE rows
+        chunk = x[part * rows // 2 : (part + 1) * rows // 2]
+        offsets = pa.array(np.arange(0, (len(chunk) + 1) * 1280, 1280, dtype=np.int32))
+        files.append(str(folder / f"part-{part}.parquet"))
+        column = pa.ListArray.from_arrays(offsets, pa.array(chunk.reshape(-1)))
+        pq.write_table(pa.table({"features": column}), files[-1])
+
+    os.environ["SPARK_MASTER"] = "local[2]"
+    spark = spark_session()
+    from pyspark.ml.feature import PCA
+    from pyspark.ml.functions import array_to_vector
+
+    vectors = spark.read.parquet(str(folder)).select(array_to_vector("features").alias("v")).cache()
+    vectors.count()  # Spark ML starts from vectors already in memory; ours reads the files each time
+    tasks = spark.createDataFrame([(f,) for f in files], FILES_SCHEMA)
+
+    def ours_fit():
+        return fit_from_moments(tasks.mapInArrow(file_moments, MOMENTS_SCHEMA).collect(), None, k)
+
+    def ml_fit():
+        return PCA(k=k, inputCol="v", outputCol="p").fit(vectors)
+
+    ours_fit(), ml_fit()  # both warm: Python workers started, JVM code compiled
+    start = time.perf_counter()
+    ml = ml_fit()
+    ml_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ours = ours_fit()
+    ours_s = time.perf_counter() - start
+
+    ml_ratio = np.array(ml.explainedVariance.toArray())
+    ml_components = ml.pc.toArray().T  # (k, 1280)
+    cosines = np.abs(np.sum(ml_components * ours.components, axis=1))
+    spark.stop()
+    return {
+        "rows": rows,
+        "k": k,
+        "spark_ml_fit_s": round(ml_s, 2),
+        "ours_fit_s": round(ours_s, 2),
+        "speedup": round(ml_s / ours_s, 1),
+        "explained_variance_max_rel_diff": float(np.max(np.abs(ours.explained_variance_ratio - ml_ratio) / ml_ratio)),
+        "components_min_abs_cosine": float(cosines.min()),
+    }
+
+
+# --- trigger -------------------------------------------------------------------------------------------
+def trigger_benchmark(records: int = 10000) -> dict:
+    import importlib
+    from types import SimpleNamespace
+
+    from moto import mock_aws
+
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="eu-west-3")
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    from tests.lambdas.conftest import s3_record, sqs_event
+    from tests.lambdas.stack import create_stack
+
+    context = SimpleNamespace(
+        function_name="bench", memory_limit_in_mb=512, aws_request_id="bench-1",
+        invoked_function_arn="arn:aws:lambda:eu-west-3:123456789012:function:bench",
+        get_remaining_time_in_millis=lambda: 60000,
+    )  # fmt: skip
+
+    def invoke(n: int) -> tuple:
+        with mock_aws():
+            stack = create_stack()
+            os.environ.update(stack.env)
+            for name in [m for m in sys.modules if m.split(".")[0] in ("trigger", "pipeline")]:
+                del sys.modules[name]
+            app = importlib.import_module("trigger.app")
+            calls = []
+            clients = [app.PIPELINE.manifests.s3, app.PIPELINE.lock.db, app.PIPELINE.launcher.client, app.PIPELINE.sqs]
+            for client in clients:
+                client.meta.events.register("before-call", lambda model, **kw: calls.append(model.name))
+            bodies = [{"Records": [s3_record(f"images/L{i % 97}/{i:06d}.jpg") for i in range(j, min(j + 10, n))]}
+                      for j in range(0, n, 10)]  # fmt: skip
+            event = sqs_event(bodies)
+            start = time.perf_counter()
+            response = app.lambda_handler(event, context)
+            elapsed = time.perf_counter() - start
+            assert response == {"batchItemFailures": []}, response
+            runs = stack.emrs.list_job_runs(applicationId=stack.app_id)["jobRuns"]
+            assert len(runs) == 1
+            return elapsed, calls
+
+    small_s, small_calls = invoke(100)
+    big_s, big_calls = invoke(records)
+    return {
+        "records": records,
+        "handler_s": round(big_s, 3),
+        "aws_calls": len(big_calls),
+        "aws_calls_for_100_records": len(small_calls),
+        "calls": sorted(set(big_calls)),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=5000)
+    parser.add_argument("--scale-n", type=int, default=20000, help="0 skips the memory-scaling run")
+    parser.add_argument("--out", default=str(ROOT / "bench-out"))
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    work = Path(args.out)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+    weights = work / "weights.weights.h5"
+    save_weights(weights)
+    log(f"making {args.n} images")
+    images = work / "images"
+    make_images(images, args.n)
+
+    log("model limit")
+    limit = model_limit(args.batch_size, 20.0)
+    log(f"model limit {limit:.1f} img/s; cold job on {args.n} images")
+    full = job(images, work / "out", weights)
+    job_img_s = args.n / full["wall_s"]
+
+    log("incremental re-run with 1% new images")
+    make_images(images, max(1, args.n // 100), seed=1, prefix="new-")
+    rerun = job(images, work / "out", weights)
+
+    result = {
+        "machine": f"{os.cpu_count()} cpu",
+        "n": args.n,
+        "limit_img_s": round(limit, 1),
+        "job_img_s": round(job_img_s, 1),
+        "ratio": round(job_img_s / limit, 3),
+        "job_wall_s": full["wall_s"],
+        "stages_s": full["stages_s"],
+        "peak_rss_mb": full["peak_rss_mb"],
+        "peak_rss_total_mb": full["peak_rss_total_mb"],
+        "rerun_1pct_wall_s": rerun["wall_s"],
+        "rerun_featurized": rerun["report"]["images_featurized"],
+        "rerun_fraction_of_full": round(rerun["wall_s"] / full["wall_s"], 3),
+        "rerun_stages_s": rerun["stages_s"],
+    }
+    if args.scale_n:
+        log(f"cold job on {args.scale_n} images (memory scaling)")
+        big = work / "images-big"
+        make_images(big, args.scale_n, seed=2)
+        scaled = job(big, work / "out-big", weights)
+        shutil.rmtree(big)
+        result["scale"] = {
+            "n": args.scale_n,
+            "job_wall_s": scaled["wall_s"],
+            "job_img_s": round(args.scale_n / scaled["wall_s"], 1),
+            "ratio": round(args.scale_n / scaled["wall_s"] / limit, 3),
+            "peak_rss_mb": scaled["peak_rss_mb"],
+            "peak_rss_total_mb": scaled["peak_rss_total_mb"],
+        }
+    log("pca: ours against pyspark.ml")
+    result["pca"] = pca_benchmark(work)
+    log("trigger on a 10,000-record batch")
+    result["trigger"] = trigger_benchmark()
+    line = json.dumps(result)
+    (work / "bench.json").write_text(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
