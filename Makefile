@@ -35,12 +35,12 @@ $(SAM_VENV)/.installed: Makefile
 	$(call PIP_INSTALL,$(SAM_VENV)) aws-sam-cli==$(SAM_CLI_VERSION)
 	touch $@
 
-out/sample-images/.done: emr_job/sample.py | $(VENV)/.installed
+out/.sample-images.done: emr_job/sample.py | $(VENV)/.installed
 	rm -rf out/sample-images
 	$(PY) -m emr_job.sample out/sample-images --per-label 20
 	touch $@
 
-sample: out/sample-images/.done
+sample: out/.sample-images.done
 
 run: setup $(if $(filter out/sample-images,$(INPUT)),sample)
 	$(PY) -m emr_job --input "$(INPUT)" --output "$(OUTPUT)" --weights "$(WEIGHTS)" $(ARGS)

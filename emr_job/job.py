@@ -34,6 +34,9 @@ from emr_job.storage import Image, Output, label_of, list_images, read_manifest
 
 RESULTS = ("features", "pca", "failures")
 IMAGES_PER_TASK = 4000  # long tasks amortise per-task set-up; more tasks than cores only past this size
+# Parquet buffers a whole row group per writing task (128 MB by default): smaller groups keep the JVM's
+# memory flat in the number of images.
+PARQUET = {"parquet.block.size": str(16 * 1024 * 1024)}
 ROWS_PER_FILE = 10000  # ~50 MB of features per file: the unit of parallelism of the PCA passes
 # Failures worth retrying next run even if the file did not change.
 TRANSIENT_REASONS = ("read error",)
@@ -140,10 +143,11 @@ def run(spark: SparkSession, cfg: JobConfig, log=print, weights_loading=None) ->
 
     new = spark.createDataFrame([], OUT_SCHEMA)
     if plan.featurize:
-        warm_workers(spark, cfg.batch_size)  # meanwhile the driver's own TensorFlow import finishes
-        arrays = arrays.result() if arrays is not None else model.load_arrays(weights)
+        slices = task_count(spark, len(plan.featurize), cfg.batch_size)
+        warm_workers(spark, cfg.batch_size, min(slices, spark.sparkContext.defaultParallelism))
+        arrays = arrays.result() if arrays is not None else model.load_arrays(weights)  # loaded meanwhile
         timer.lap("load_weights")
-        new = featurize(spark, cfg, plan, weights, arrays, f"{staging}/new")
+        new = featurize(spark, cfg, plan, weights, arrays, f"{staging}/new", slices)
     timer.lap("featurize")
 
     # Every input row gives one output row, so the small non-ok part tells all the counts.
@@ -155,9 +159,8 @@ def run(spark: SparkSession, cfg: JobConfig, log=print, weights_loading=None) ->
     failure_rows = kept + new_failures + early
     n_ok = len(store.keys() - plan.drop) + featurized
     write_features(spark, old_features, new, plan.drop, weights.fingerprint, n_ok, f"{staging}/features")
-    spark.createDataFrame(failure_rows, "path string, reason string, label string, version string").coalesce(
-        1
-    ).write.parquet(f"{staging}/failures")
+    failures_df = spark.createDataFrame(failure_rows, "path string, reason string, label string, version string")
+    failures_df.coalesce(1).write.options(**PARQUET).parquet(f"{staging}/failures")
     timer.lap("write")
 
     rpt = {
@@ -198,10 +201,10 @@ def run(spark: SparkSession, cfg: JobConfig, log=print, weights_loading=None) ->
     return rpt
 
 
-def featurize(spark: SparkSession, cfg: JobConfig, plan: Plan, weights, arrays: list, path: str) -> DataFrame:
+def featurize(spark, cfg: JobConfig, plan: Plan, weights, arrays: list, path: str, slices: int) -> DataFrame:
     """The model pass, written once to staging: everything after it reads the result, never recomputes."""
     weights_bc = spark.sparkContext.broadcast(arrays)
-    tasks = task_frame(spark, [(img.path, img.label, img.version) for img in plan.featurize])
+    tasks = task_frame(spark, [(img.path, img.label, img.version) for img in plan.featurize], slices)
     body = partial(
         featurize_partition,
         weights=weights_bc,
@@ -209,7 +212,7 @@ def featurize(spark: SparkSession, cfg: JobConfig, plan: Plan, weights, arrays: 
         batch_size=cfg.batch_size,
         io_threads=cfg.io_threads,
     )
-    tasks.mapInArrow(body, OUT_SCHEMA).write.parquet(path)
+    tasks.mapInArrow(body, OUT_SCHEMA).write.options(**PARQUET).parquet(path)
     weights_bc.unpersist()
     return spark.read.parquet(path)
 
@@ -223,7 +226,7 @@ def write_features(spark, old_features, new: DataFrame, drop: set, fingerprint: 
         gone = spark.createDataFrame([(p,) for p in drop], "path string")
         kept = old_features.join(F.broadcast(gone), "path", "left_anti").select(features.columns)
         features = kept.unionByName(features)
-    features.coalesce(max(1, math.ceil(n_rows / ROWS_PER_FILE))).write.parquet(path)
+    features.coalesce(max(1, math.ceil(n_rows / ROWS_PER_FILE))).write.options(**PARQUET).parquet(path)
 
 
 def fit_and_project(spark, out: Output, cfg: JobConfig, rpt: dict, features_path: str, pca_path: str, n_ok: int, log):
@@ -238,7 +241,7 @@ def fit_and_project(spark, out: Output, cfg: JobConfig, rpt: dict, features_path
             raise  # the user asked for a k this data cannot give
         rpt["pca_skipped"] = str(exc)
         log(f"PCA skipped: {exc}")
-        spark.createDataFrame([], PROJECTION_SCHEMA).write.parquet(pca_path)
+        spark.createDataFrame([], PROJECTION_SCHEMA).write.options(**PARQUET).parquet(pca_path)
         return {}
     rpt.update(
         k=pca.k,
@@ -248,7 +251,7 @@ def fit_and_project(spark, out: Output, cfg: JobConfig, rpt: dict, features_path
     with ThreadPoolExecutor(1) as pool:  # matplotlib draws while Spark writes the projections
         variance_png = pool.submit(report.variance_plot, pca.all_ratios, pca.k, rpt["variance_target"])
         body = partial(file_projection, mean=pca.mean, components=pca.components)
-        tasks.mapInArrow(body, PROJECTION_SCHEMA).write.parquet(pca_path)
+        tasks.mapInArrow(body, PROJECTION_SCHEMA).write.options(**PARQUET).parquet(pca_path)
         sample = spark.read.parquet(pca_path).limit(report.MAX_SCATTER_POINTS).collect()
         coords = np.array([r.pca[:2] for r in sample], dtype=np.float32).reshape(len(sample), -1)
         return {
@@ -257,14 +260,20 @@ def fit_and_project(spark, out: Output, cfg: JobConfig, rpt: dict, features_path
         }
 
 
-def task_frame(spark: SparkSession, rows: list) -> DataFrame:
-    """Images to featurize in evenly sized partitions, a multiple of the cores.
+def task_count(spark: SparkSession, images: int, batch_size: int) -> int:
+    """A multiple of the cores for real work; fewer tasks (and TensorFlow starts) for a small increment."""
+    parallelism = spark.sparkContext.defaultParallelism
+    if images < parallelism * batch_size * 4:
+        return max(1, min(parallelism, math.ceil(images / (batch_size * 4))))
+    return parallelism * max(1, math.ceil(images / IMAGES_PER_TASK / parallelism))
+
+
+def task_frame(spark: SparkSession, rows: list, slices: int) -> DataFrame:
+    """Images to featurize in evenly sized partitions.
 
     The round-robin repartition runs in the JVM on a few KB of paths. Without it, parallelize() (which
     createDataFrame(list) uses) slices by 1024-row serialization batches: one task gets the remainder and
     a core idles while it finishes."""
-    parallelism = spark.sparkContext.defaultParallelism
-    slices = parallelism * max(1, math.ceil(len(rows) / IMAGES_PER_TASK / parallelism))
     return spark.createDataFrame(rows, IN_SCHEMA).repartition(slices)
 
 
@@ -278,11 +287,10 @@ def _prepare_worker(batches, batch_size: int):
     yield pa.RecordBatch.from_pydict({"ok": [True]})
 
 
-def warm_workers(spark: SparkSession, batch_size: int) -> None:
-    """Build and trace the network (~4 s) in each Python worker now, while the driver loads the weights.
+def warm_workers(spark: SparkSession, batch_size: int, n: int) -> None:
+    """Build and trace the network (~4 s) in n Python workers now, while the driver loads the weights.
 
     Through mapInArrow like the real work: Spark reuses those workers for it, not the RDD API's."""
-    n = spark.sparkContext.defaultParallelism
     cells = spark.createDataFrame([(i,) for i in range(n)], "i int").repartition(n)
     cells.mapInArrow(partial(_prepare_worker, batch_size=batch_size), "ok boolean").collect()
 

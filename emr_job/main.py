@@ -59,7 +59,7 @@ def spark_session():
             .config("spark.ui.enabled", "false")
             .config("spark.ui.showConsoleProgress", "false")
             .config("spark.sql.shuffle.partitions", "8")
-            .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "2g"))
+            .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "1g"))
             # Spark runs one task per core: numpy's BLAS threads in each would only oversubscribe them.
             .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1")
         )

@@ -83,10 +83,10 @@ def summary(report: dict) -> str:
         lines.append(f"pca: skipped: {report.get('pca_skipped')}")
     lines.append(f"weights: {report['weights']}")
     t = report["timings_s"]
-    lines.append(
-        f"speed: {report['images_per_second']:.1f} images/s featurizing; total {t['total']:.1f}s "
-        f"(featurize {t['featurize']:.1f}s, pca {t['pca']:.1f}s)"
+    speed = (
+        f"{report['images_per_second']:.1f} images/s featurizing" if report["images_featurized"] else "no model work"
     )
+    lines.append(f"speed: {speed}; total {t['total']:.1f}s (featurize {t['featurize']:.1f}s, pca {t['pca']:.1f}s)")
     for reason, count in sorted(report["failures_by_reason"].items(), key=lambda kv: -kv[1])[:5]:
         lines.append(f"failed: {count} x {reason}")
     lines.append(f"results: {report['output']}  (report.json, {', '.join(report['plots'])})")

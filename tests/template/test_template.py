@@ -48,7 +48,12 @@ def identity_statements(conditions: dict) -> dict:
         props = resolve(res.get("Properties", {}), conditions)
         docs = []
         if res["Type"] == "AWS::Serverless::Function":
-            docs = [p for p in props.get("Policies", []) if isinstance(p, dict)]
+            for policy in props.get("Policies", []):
+                if isinstance(policy, dict) and "Ref" in policy:  # a managed policy of this template
+                    managed = resolve(RESOURCES[policy["Ref"]]["Properties"], conditions)
+                    docs.append(managed["PolicyDocument"])
+                elif isinstance(policy, dict):
+                    docs.append(policy)
         elif res["Type"] == "AWS::IAM::Role":
             docs = [p["PolicyDocument"] for p in props.get("Policies", [])]
         elif res["Type"] == "AWS::IAM::ManagedPolicy":
@@ -208,7 +213,7 @@ def test_pass_role_only_on_the_job_roles_and_only_to_emr(conditions, roles, serv
     for owner, statements in identity_statements(conditions).items():
         for s in statements:
             if "iam:PassRole" in as_list(s["Action"]):
-                assert owner in ("TriggerFunction", "JobStateFunction")
+                assert owner in ("TriggerFunction", "JobStateFunction", "RunControlPolicy")
                 assert {arn_text(r) for r in as_list(s["Resource"])} == roles
                 assert s["Condition"] == {"StringEquals": {"iam:PassedToService": services}}
 
