@@ -39,7 +39,8 @@ def lambda_handler(event: dict, context) -> dict:
         changes = [{**asdict(c), "message_id": ""} for c in parsed.changes]
         queued = queue_batch(batch={"ids": sorted(c.identity for c in parsed.changes), "changes": changes})
         count("ImagesQueued", len(parsed.changes))
-        logger.info("batch queued", extra={"images": queued["images"], "manifest": queued["pending"][-37:-5]})
+        content_hash = queued["pending"].rsplit("/", 1)[-1].removesuffix(".json")  # no key names in logs
+        logger.info("batch queued", extra={"images": queued["images"], "manifest": content_hash})
     try:
         started = coordinator.start_next_run(PIPELINE, context.aws_request_id, SETTINGS.quiet_seconds)
         if started.reason == "settling" and parsed.changes:
