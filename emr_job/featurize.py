@@ -86,15 +86,27 @@ def _ok_batch(rows: list[dict], features: np.ndarray) -> pa.RecordBatch:
     )
 
 
+def _task() -> tuple[int, int]:
+    """(cores, partition id) of the running Spark task; (1, 0) outside Spark."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    return (ctx.cpus(), ctx.partitionId()) if ctx is not None else (1, 0)
+
+
+def prepare_worker(batches: Iterable[pa.RecordBatch], batch_size: int) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body of the warm-up: build and trace the network in this Python worker, ahead of the work."""
+    for _ in batches:
+        pass
+    model.compiled(batch_size, _task()[0])
+    yield pa.RecordBatch.from_pydict({"ok": [True]})
+
+
 def featurize_partition(
     batches: Iterable[pa.RecordBatch], weights, fingerprint: str, batch_size: int, io_threads: int
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body. Reads and decodes run ahead in threads while the model works on the previous batch."""
-    from pyspark import TaskContext
-
-    ctx = TaskContext.get()
-    threads = ctx.cpus() if ctx is not None else 1
-    part = ctx.partitionId() if ctx is not None else 0
+    threads, part = _task()
     run, ready = None, 0.0
     done, last_report, started = 0, time.monotonic(), time.monotonic()
     ok_rows: list[dict] = []

@@ -15,12 +15,11 @@ from functools import partial
 from typing import Optional
 
 import numpy as np
-import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from emr_job import model, report
-from emr_job.featurize import FAILED, GONE, IN_SCHEMA, OK, OUT_SCHEMA, featurize_partition
+from emr_job.featurize import FAILED, GONE, IN_SCHEMA, OK, OUT_SCHEMA, featurize_partition, prepare_worker
 from emr_job.pca import (
     FILES_SCHEMA,
     MOMENTS_SCHEMA,
@@ -30,7 +29,7 @@ from emr_job.pca import (
     file_projection,
     fit_from_moments,
 )
-from emr_job.storage import Image, Output, label_of, list_images, read_manifest
+from emr_job.storage import Image, Manifest, Output, label_of, list_images, read_manifest
 
 RESULTS = ("features", "pca", "failures")
 IMAGES_PER_TASK = 4000  # long tasks amortise per-task set-up; more tasks than cores only past this size
@@ -81,10 +80,9 @@ def _previous(spark: SparkSession, out: Output, name: str) -> Optional[DataFrame
     return spark.read.parquet(path) if out.exists(path) else None
 
 
-def plan_run(cfg: JobConfig, store: dict, failures: dict, fingerprint: str) -> Plan:
-    """store: path -> (version, weights fingerprint); failures: path -> (version, reason)."""
-    if cfg.manifest:
-        manifest = read_manifest(cfg.manifest)
+def plan_run(cfg: JobConfig, manifest: Optional[Manifest], store: dict, failures: dict, fingerprint: str) -> Plan:
+    """store: path -> (version, weights fingerprint); failures: path -> (version, reason, label)."""
+    if manifest is not None:
         added = list(dict.fromkeys(manifest.added))
         removed = set(manifest.removed) - set(added)  # an add in the same manifest is newer (or GONE at read)
         plan = Plan(featurize=[], drop=removed | set(added))
@@ -121,7 +119,8 @@ def run(spark: SparkSession, cfg: JobConfig, log=print, weights_loading=None) ->
     """weights_loading: (Weights, Future of their arrays) started before the session, or None to load here."""
     timer = Timer()
     out = Output(spark, cfg.output)
-    run_id = (read_manifest(cfg.manifest).run_id if cfg.manifest else "") or (
+    manifest = read_manifest(cfg.manifest) if cfg.manifest else None
+    run_id = (manifest.run_id if manifest else "") or (
         datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     )
     staging = out.path("_staging", run_id)
@@ -137,7 +136,7 @@ def run(spark: SparkSession, cfg: JobConfig, log=print, weights_loading=None) ->
         store = {r.path: (r.version, r.weights) for r in old_features.select("path", "version", "weights").collect()}
     if old_failures is not None:
         failures = {r.path: (r.version, r.reason, r.label) for r in old_failures.collect()}
-    plan = plan_run(cfg, store, failures, weights.fingerprint)
+    plan = plan_run(cfg, manifest, store, failures, weights.fingerprint)
     timer.lap("list")
     log(f"{len(plan.featurize)} images to featurize, {len(store)} in the store, {plan.removed} removed")
 
@@ -277,22 +276,12 @@ def task_frame(spark: SparkSession, rows: list, slices: int) -> DataFrame:
     return spark.createDataFrame(rows, IN_SCHEMA).repartition(slices)
 
 
-def _prepare_worker(batches, batch_size: int):
-    from pyspark import TaskContext
-
-    for _ in batches:
-        pass
-    ctx = TaskContext.get()
-    model.compiled(batch_size, ctx.cpus() if ctx is not None else 1)
-    yield pa.RecordBatch.from_pydict({"ok": [True]})
-
-
 def warm_workers(spark: SparkSession, batch_size: int, n: int) -> None:
     """Build and trace the network (~4 s) in n Python workers now, while the driver loads the weights.
 
     Through mapInArrow like the real work: Spark reuses those workers for it, not the RDD API's."""
     cells = spark.createDataFrame([(i,) for i in range(n)], "i int").repartition(n)
-    cells.mapInArrow(partial(_prepare_worker, batch_size=batch_size), "ok boolean").collect()
+    cells.mapInArrow(partial(prepare_worker, batch_size=batch_size), "ok boolean").collect()
 
 
 def publish(out: Output, staging: str, files: list) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlparse
@@ -160,8 +159,3 @@ class Output:
             stream.write(bytearray(data))
         finally:
             stream.close()
-
-
-def iter_chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -19,7 +19,7 @@ for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
 
 from moto import mock_aws  # noqa: E402
 
-from tests.lambdas.stack import BUCKET, create_stack  # noqa: E402
+from tests.lambdas.stack import BUCKET, create_stack, job_runs  # noqa: E402
 
 CONTEXT = SimpleNamespace(
     function_name="local",
@@ -45,11 +45,7 @@ def summary(stack) -> list:
         else:
             folder = obj["Key"].split("/")[-2]
             lines.append(f"{folder + ' manifest':<13} s3://{BUCKET}/{obj['Key']}")
-    try:
-        runs = stack.emrs.list_job_runs(applicationId=stack.app_id)["jobRuns"]
-    except stack.emrs.exceptions.ResourceNotFoundException:
-        runs = []
-    for run in runs:
+    for run in job_runs(stack):
         lines.append(f"EMR Serverless StartJobRun: job {run['id']} for {run['name']} (moto reports it {run['state']})")
     dead = stack.sqs.get_queue_attributes(QueueUrl=stack.dlq, AttributeNames=["ApproximateNumberOfMessages"])
     lines.append(f"dead-letter queue: {dead['Attributes']['ApproximateNumberOfMessages']} message(s)")

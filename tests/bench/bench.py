@@ -231,15 +231,14 @@ def pca_benchmark(work: Path, rows: int = 20000, k: int = 100) -> dict:
 
 # --- trigger -------------------------------------------------------------------------------------------
 def trigger_benchmark(records: int = 10000) -> dict:
-    import importlib
     from types import SimpleNamespace
 
     from moto import mock_aws
 
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="eu-west-3")
     os.environ.pop("AWS_ENDPOINT_URL", None)
-    from tests.lambdas.conftest import s3_record, sqs_event
-    from tests.lambdas.stack import create_stack
+    from tests.lambdas.conftest import load, s3_record, sqs_event
+    from tests.lambdas.stack import create_stack, job_runs
 
     context = SimpleNamespace(
         function_name="bench", memory_limit_in_mb=512, aws_request_id="bench-1",
@@ -251,9 +250,7 @@ def trigger_benchmark(records: int = 10000) -> dict:
         with mock_aws():
             stack = create_stack()
             os.environ.update(stack.env)
-            for name in [m for m in sys.modules if m.split(".")[0] in ("trigger", "pipeline")]:
-                del sys.modules[name]
-            app = importlib.import_module("trigger.app")
+            app = load("trigger.app")
             calls = []
             clients = [app.PIPELINE.manifests.s3, app.PIPELINE.lock.db, app.PIPELINE.launcher.client, app.PIPELINE.sqs]
             for client in clients:
@@ -265,8 +262,7 @@ def trigger_benchmark(records: int = 10000) -> dict:
             response = app.lambda_handler(event, context)
             elapsed = time.perf_counter() - start
             assert response == {"batchItemFailures": []}, response
-            runs = stack.emrs.list_job_runs(applicationId=stack.app_id)["jobRuns"]
-            assert len(runs) == 1
+            assert len(job_runs(stack)) == 1
             return elapsed, calls
 
     small_s, small_calls = invoke(100)

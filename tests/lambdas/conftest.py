@@ -7,7 +7,7 @@ from urllib.parse import quote_plus
 import pytest
 from moto import mock_aws
 
-from tests.lambdas.stack import BUCKET, REGION, create_stack
+from tests.lambdas.stack import BUCKET, REGION, create_stack, job_runs  # noqa: F401  (tests import it here)
 
 
 @pytest.fixture
@@ -128,13 +128,6 @@ def serverless_state(job_run_id: str, app_id: str, state: str) -> dict:
             "createdAt": "2026-11-24T10:05:00.000000Z",
         },
     }
-
-
-def job_runs(aws) -> list:
-    try:
-        return aws.emrs.list_job_runs(applicationId=aws.app_id)["jobRuns"]
-    except aws.emrs.exceptions.ResourceNotFoundException:  # moto: an application without runs yet
-        return []
 
 
 def run_manifest(aws, run_name: str) -> dict:

@@ -51,3 +51,11 @@ def create_stack() -> SimpleNamespace:
         s3=s3, ddb=ddb, sqs=sqs, sns=sns, emrs=emrs, emr=boto3.client("emr", region_name=REGION),
         app_id=app_id, queue=queue, dlq=dlq, alerts=alerts, env=env,
     )  # fmt: skip
+
+
+def job_runs(stack) -> list:
+    """EMR Serverless job runs of the stack's application."""
+    try:
+        return stack.emrs.list_job_runs(applicationId=stack.app_id)["jobRuns"]
+    except stack.emrs.exceptions.ResourceNotFoundException:  # moto: an application without runs yet
+        return []

@@ -313,3 +313,12 @@ def test_artifact_layout_agrees_between_packaging_and_launchers():
         base + k for k in ARTIFACTS.values()
     }
     assert s.weights_uri == base + WEIGHTS_KEY
+
+
+def test_lambda_and_job_recognise_the_same_image_extensions():
+    sys.path.insert(0, str(ROOT / "lambdas"))
+    from pipeline.notifications import IMAGE_EXTENSIONS as TRIGGER
+
+    from emr_job.images import IMAGE_EXTENSIONS as JOB
+
+    assert TRIGGER == JOB  # separate deployables, one list each: an upload the trigger drops is never featurized
