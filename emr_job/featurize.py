@@ -1,9 +1,13 @@
-"""Executor side: image rows in, feature rows (or failure rows) out, streaming and in fixed model batches."""
+"""Executor side: image rows in; feature rows written to the features table's data files here; small rows out.
+
+Features never travel through the JVM or the driver: each task writes its own Parquet files (the Iceberg data
+files the driver then commits) and returns their names, plus one row per image that failed or vanished."""
 
 from __future__ import annotations
 
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,21 +17,23 @@ import pyarrow as pa
 
 from emr_job import model
 from emr_job.images import ImageError, decode_image
-from emr_job.storage import read_bytes
+from emr_job.storage import read_bytes, write_parquet
 
 IN_SCHEMA = "path string, label string, version string"
-OUT_SCHEMA = "path string, label string, version string, features array<float>, status string, reason string"
-OK, FAILED, GONE = "ok", "failed", "gone"  # GONE: deleted before we could read it, i.e. erased, not failed
+# One row per failed or vanished image, and one per data file written (status "file", its rows in `count`).
+OUT_SCHEMA = "path string, label string, version string, status string, reason string, count long"
+OK, FAILED, GONE, FILE = "ok", "failed", "gone", "file"  # GONE: deleted before it could be read, i.e. erased
 PROGRESS_EVERY_S = 10.0
+ROWS_PER_FILE = 10000  # ~50 MB of features per data file: the unit of parallelism of the PCA passes
 
-_ARROW_SCHEMA = pa.schema(
+_OUT_ARROW = pa.schema(
     [
         ("path", pa.string()),
         ("label", pa.string()),
         ("version", pa.string()),
-        ("features", pa.list_(pa.float32())),
         ("status", pa.string()),
         ("reason", pa.string()),
+        ("count", pa.int64()),
     ]
 )
 
@@ -43,7 +49,7 @@ def load_one(row: dict) -> tuple[dict, np.ndarray | None, str, str | None]:
     except Exception as exc:
         return row, None, FAILED, f"read error: {type(exc).__name__}: {exc}"
     if etag is not None:
-        row = {**row, "version": etag}
+        row = {**row, "version": etag}  # the version actually featurized, should it differ from the listing's
     try:
         return row, decode_image(data), OK, None
     except ImageError as exc:
@@ -55,35 +61,50 @@ def _rows(batches: Iterable[pa.RecordBatch]) -> Iterator[dict]:
         yield from batch.to_pylist()
 
 
-def _failed_batch(rows: list[tuple[dict, str, str]]) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays(
-        [
-            pa.array([r["path"] for r, _, _ in rows], pa.string()),
-            pa.array([r["label"] for r, _, _ in rows], pa.string()),
-            pa.array([r["version"] for r, _, _ in rows], pa.string()),
-            pa.nulls(len(rows), pa.list_(pa.float32())),
-            pa.array([s for _, s, _ in rows], pa.string()),
-            pa.array([why for _, _, why in rows], pa.string()),
-        ],
-        schema=_ARROW_SCHEMA,
+def _status_batch(rows: list[tuple[dict, str, str]]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist(
+        [{**row, "status": status, "reason": why, "count": None} for row, status, why in rows], schema=_OUT_ARROW
     )
 
 
-def _ok_batch(rows: list[dict], features: np.ndarray) -> pa.RecordBatch:
+def feature_rows(rows: list[dict], features: np.ndarray, weights: str, schema: pa.Schema) -> pa.Table:
+    """Rows of the features table: path, label, features (1280 float32), version, weights."""
     n, dim = features.shape
     offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
     values = pa.array(np.ascontiguousarray(features, dtype=np.float32).reshape(-1))
-    return pa.RecordBatch.from_arrays(
-        [
-            pa.array([r["path"] for r in rows], pa.string()),
-            pa.array([r["label"] for r in rows], pa.string()),
-            pa.array([r["version"] for r in rows], pa.string()),
-            pa.ListArray.from_arrays(offsets, values),
-            pa.array([OK] * n, pa.string()),
-            pa.nulls(n, pa.string()),
-        ],
-        schema=_ARROW_SCHEMA,
-    )
+    columns = [
+        pa.array([r["path"] for r in rows], pa.string()),
+        pa.array([r["label"] for r in rows], pa.string()),
+        pa.ListArray.from_arrays(offsets, values, type=schema.field("features").type),
+        pa.array([r["version"] for r in rows], pa.string()),
+        pa.array([weights] * n, pa.string()),
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+class FileRoller:
+    """Rows of one task into data files of at most ROWS_PER_FILE rows, each written once full."""
+
+    def __init__(self, data_dir: str, run_id: str, part: int):
+        self.data_dir, self.run_id, self.part = data_dir, run_id, part
+        self.pending: list = []
+        self.rows = 0
+        self.written = 0
+
+    def add(self, table: pa.Table) -> list:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        return self.flush() if self.rows >= ROWS_PER_FILE else []
+
+    def flush(self) -> list:
+        """Write what is pending; returns the status row naming the file (none if nothing was pending)."""
+        if not self.rows:
+            return []
+        path = f"{self.data_dir}/{self.run_id}-{self.part}-{self.written}-{uuid.uuid4().hex[:12]}.parquet"
+        write_parquet(path, pa.concat_tables(self.pending))
+        done = pa.RecordBatch.from_pylist([{"path": path, "status": FILE, "count": self.rows}], schema=_OUT_ARROW)
+        self.pending, self.rows, self.written = [], 0, self.written + 1
+        return [done]
 
 
 def _task() -> tuple[int, int]:
@@ -103,7 +124,14 @@ def prepare_worker(batches: Iterable[pa.RecordBatch], batch_size: int) -> Iterat
 
 
 def featurize_partition(
-    batches: Iterable[pa.RecordBatch], weights, fingerprint: str, batch_size: int, io_threads: int
+    batches: Iterable[pa.RecordBatch],
+    weights,
+    fingerprint: str,
+    batch_size: int,
+    io_threads: int,
+    data_dir: str,
+    run_id: str,
+    schema: pa.Schema,
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body. Reads and decodes run ahead in threads while the model works on the previous batch."""
     threads, part = _task()
@@ -112,6 +140,7 @@ def featurize_partition(
     ok_rows: list[dict] = []
     ok_pixels: list[np.ndarray] = []
     failed: list[tuple[dict, str, str]] = []
+    files = FileRoller(data_dir, run_id, part)
     with ThreadPoolExecutor(io_threads) as pool:
         pending: deque = deque()
         rows = _rows(batches)
@@ -135,11 +164,11 @@ def featurize_partition(
                     run = model.featurizer(weights, fingerprint, batch_size, threads)
                     ready = time.monotonic() - started
                 features = model.features_for(run, np.stack(ok_pixels), batch_size)
-                yield _ok_batch(ok_rows, features)
+                yield from files.add(feature_rows(ok_rows, features, fingerprint, schema))
                 done += len(ok_rows)
                 ok_rows, ok_pixels = [], []
             if len(failed) >= batch_size or (failed and not pending and exhausted):
-                yield _failed_batch(failed)
+                yield _status_batch(failed)
                 done += len(failed)
                 failed = []
             now = time.monotonic()
@@ -147,5 +176,6 @@ def featurize_partition(
                 rate = done / (now - started)
                 print(f"  partition {part}: {done} images, {rate:.0f}/s", file=sys.stderr, flush=True)
                 last_report = now
+    yield from files.flush()
     took = time.monotonic() - started
     print(f"  partition {part}: {done} images in {took:.1f}s (model ready after {ready:.1f}s)", file=sys.stderr)

@@ -1,67 +1,62 @@
-"""One run: snapshot the images, featurize what is new, refit PCA, publish results atomically."""
+"""One run: list the input, diff it with the published store, featurize what is new or changed, drop what is
+gone, refit PCA, and publish every table at once (emr_job/store.py). Safe to repeat, to run late, and to crash."""
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
+import pyarrow as pa
 
-from emr_job import model, report
-from emr_job.featurize import FAILED, GONE, IN_SCHEMA, OK, OUT_SCHEMA, featurize_partition, prepare_worker
+from emr_job import model, report, storage
+from emr_job.featurize import (
+    FAILED,
+    FILE,
+    GONE,
+    IN_SCHEMA,
+    OUT_SCHEMA,
+    ROWS_PER_FILE,
+    featurize_partition,
+    prepare_worker,
+)
 from emr_job.pca import (
-    FILES_SCHEMA,
+    FILE_ROWS_SCHEMA,
     MOMENTS_SCHEMA,
-    PROJECTION_SCHEMA,
     PcaError,
     file_moments,
     file_projection,
     fit_from_moments,
+    rewrite_files,
 )
-from emr_job.storage import Image, Manifest, Output, label_of, list_images, read_manifest
+from emr_job.plan import Plan, make_plan
+from emr_job.store import Results, RunCommit, TableChange, arrow_schema, live_files, read_live, remove_orphans
 
-RESULTS = ("features", "pca", "failures")
 IMAGES_PER_TASK = 4000  # long tasks amortise per-task set-up; more tasks than cores only past this size
-# Parquet buffers a whole row group per writing task (128 MB by default): smaller groups keep the JVM's
-# memory flat in the number of images.
-PARQUET = {"parquet.block.size": str(16 * 1024 * 1024)}
-ROWS_PER_FILE = 10000  # ~50 MB of features per file: the unit of parallelism of the PCA passes
-# Failures worth retrying next run even if the file did not change.
-TRANSIENT_REASONS = ("read error",)
+FILE_TASKS_SCHEMA = "file string, deleted array<long>"
+SMALL_FILES_TO_COMPACT = 16  # more data files than this under ROWS_PER_FILE / 4 rows are merged
+CLOCK: Callable[[], float] = time.time  # tests move it to age deletes and snapshots
 
 
 @dataclass
 class JobConfig:
     input: str
     output: str
-    manifest: Optional[str] = None
     weights: str = "random"
     variance: Optional[float] = 0.95
     k: Optional[int] = None
     batch_size: int = 32
     io_threads: int = 8
-
-
-@dataclass
-class Plan:
-    """What this run does to the store, decided on the driver from paths and versions alone."""
-
-    featurize: list  # Image
-    drop: set = field(default_factory=set)  # paths whose old features/failures go (changed, removed)
-    early_failures: list = field(default_factory=list)  # (Image, reason) known without reading
-    removed: int = 0
-    ignored: int = 0
+    compact_after_hours: float = 12.0  # erased rows leave the table files at the first run after this
+    keep_snapshots_hours: float = 1.0  # older snapshots (and the files only they reach) are removed
 
 
 class Timer:
@@ -74,192 +69,266 @@ class Timer:
         self.stages[name] = round(self.stages.get(name, 0.0) + now - self.mark, 3)
         self.mark = now
 
-
-def _previous(spark: SparkSession, out: Output, name: str) -> Optional[DataFrame]:
-    path = out.path(name)
-    return spark.read.parquet(path) if out.exists(path) else None
+    def total(self) -> dict:
+        return {**self.stages, "total": round(time.monotonic() - self.start, 3)}
 
 
-def plan_run(cfg: JobConfig, manifest: Optional[Manifest], store: dict, failures: dict, fingerprint: str) -> Plan:
-    """store: path -> (version, weights fingerprint); failures: path -> (version, reason, label)."""
-    if manifest is not None:
-        added = list(dict.fromkeys(manifest.added))
-        removed = set(manifest.removed) - set(added)  # an add in the same manifest is newer (or GONE at read)
-        plan = Plan(featurize=[], drop=removed | set(added))
-        plan.removed = len(removed & (store.keys() | failures.keys()))
-        root = cfg.input.rstrip("/") + "/"
-        for uri in added:
-            if not uri.startswith(root):
-                plan.early_failures.append((Image(uri, None, None), f"outside the input prefix {root}"))
-            else:
-                plan.featurize.append(Image(uri, label_of(cfg.input, uri), None))
-        # Rows computed with other weights are recomputed, whatever the manifest says.
-        stale = [p for p, (v, w) in store.items() if w != fingerprint and p not in plan.drop]
-        plan.featurize += [Image(p, label_of(cfg.input, p), None) for p in stale]
-        plan.drop |= set(stale)
-        return plan
-    images, ignored = list_images(cfg.input)
-    current = {img.path for img in images}
-    plan = Plan(featurize=[], ignored=ignored)
-    for img in images:
-        if store.get(img.path) == (img.version, fingerprint):
-            continue
-        old_failure = failures.get(img.path)
-        if old_failure and old_failure[0] == img.version and not old_failure[1].startswith(TRANSIENT_REASONS):
-            continue
-        plan.featurize.append(img)
-        plan.drop.add(img.path)
-    gone = (store.keys() | failures.keys()) - current
-    plan.drop |= gone
-    plan.removed = len(gone)
-    return plan
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-def run(spark: SparkSession, cfg: JobConfig, log=print, weights_loading=None) -> dict:
-    """weights_loading: (Weights, Future of their arrays) started before the session, or None to load here."""
+def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) -> dict:
+    """One reconciliation of the output with the input. Returns the published report, or the previous one
+    (with "published": False) when nothing changed. session: a function returning the SparkSession, called
+    only if there is work for Spark. fail_at: a step name where tests inject a crash."""
     timer = Timer()
-    out = Output(spark, cfg.output)
-    manifest = read_manifest(cfg.manifest) if cfg.manifest else None
-    run_id = (manifest.run_id if manifest else "") or (
-        datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
-    )
-    staging = out.path("_staging", run_id)
-    out.delete(out.path("_staging"))  # left over by a run that died before publishing
-    if weights_loading is None:
-        weights, arrays = model.resolve_weights(cfg.weights, tempfile.mkdtemp(prefix="emr_job-")), None
-    else:
-        weights, arrays = weights_loading
+    results = Results(cfg.output)
+    run_id = new_run_id()
+    weights = model.resolve_weights(cfg.weights, tempfile.mkdtemp(prefix="emr_job-"))
+    files = live_files(results.table("features"))
+    store_index = read_live(files, ["path", "version", "weights"])
+    listing, ignored = storage.list_images(cfg.input)
+    plan = make_plan(listing, ignored, store_index, files, results.read("failures"), weights.fingerprint)
+    timer.lap("plan")
+    log(f"{plan.featurize.num_rows} images to featurize, {plan.reused} unchanged in the store, "
+        f"{plan.removed} removed")  # fmt: skip
+    compact = _compaction(cfg, results, files, plan)
+    if results.report is not None and not plan.changes and not compact:
+        removed = remove_orphans(results, grace_s=_grace(cfg))
+        log(f"nothing changed since run {results.report['run_id'] if results.report else '-'}; nothing published")
+        previous = dict(results.report or {})
+        return {**previous, "published": False, "orphans_removed": removed, "timings_s": timer.total()}
 
-    old_features, old_failures = _previous(spark, out, "features"), _previous(spark, out, "failures")
-    store, failures = {}, {}
-    if old_features is not None:
-        store = {r.path: (r.version, r.weights) for r in old_features.select("path", "version", "weights").collect()}
-    if old_failures is not None:
-        failures = {r.path: (r.version, r.reason, r.label) for r in old_failures.collect()}
-    plan = plan_run(cfg, manifest, store, failures, weights.fingerprint)
-    timer.lap("list")
-    log(f"{len(plan.featurize)} images to featurize, {len(store)} in the store, {plan.removed} removed")
+    arrays = None
+    with ThreadPoolExecutor(1) as pool:
+        if plan.featurize.num_rows:  # TensorFlow loads in the background while the JVM starts
+            arrays = pool.submit(model.load_arrays, weights)
+        spark = session() if session else _local_session()
+        timer.lap("start")
+        commit = RunCommit(results, run_id, keep_snapshots_s=cfg.keep_snapshots_hours * 3600)
+        _step(fail_at, "start")
+        status = _featurize(spark, cfg, plan, weights, arrays, commit, run_id, timer)
+    new_files = [r["path"] for r in status if r["status"] == FILE]
+    new_failures = [r for r in status if r["status"] == FAILED]
+    gone = sum(r["status"] == GONE for r in status)
+    featurized = sum(r["count"] for r in status if r["status"] == FILE)
+    _step(fail_at, "featurized")
 
-    new = spark.createDataFrame([], OUT_SCHEMA)
-    if plan.featurize:
-        slices = task_count(spark, len(plan.featurize), cfg.batch_size)
-        warm_workers(spark, cfg.batch_size, min(slices, spark.sparkContext.defaultParallelism))
-        arrays = arrays.result() if arrays is not None else model.load_arrays(weights)  # loaded meanwhile
-        timer.lap("load_weights")
-        new = featurize(spark, cfg, plan, weights, arrays, f"{staging}/new", slices)
-    timer.lap("featurize")
-
-    # Every input row gives one output row, so the small non-ok part tells all the counts.
-    not_ok = new.filter(F.col("status") != OK).select("path", "label", "version", "status", "reason").collect()
-    new_failures = [(r.path, r.reason, r.label, r.version) for r in not_ok if r.status == FAILED]
-    featurized = len(plan.featurize) - len(not_ok)
-    kept = [(p, reason, label, version) for p, (version, reason, label) in failures.items() if p not in plan.drop]
-    early = [(img.path, reason, img.label, img.version) for img, reason in plan.early_failures]
-    failure_rows = kept + new_failures + early
-    n_ok = len(store.keys() - plan.drop) + featurized
-    write_features(spark, old_features, new, plan.drop, weights.fingerprint, n_ok, f"{staging}/features")
-    failures_df = spark.createDataFrame(failure_rows, "path string, reason string, label string, version string")
-    failures_df.coalesce(1).write.options(**PARQUET).parquet(f"{staging}/failures")
+    change = TableChange(added=new_files, deletes=dict(plan.deletes))
+    live = _live_after(files, change)
+    for old in files:  # files whose every row goes are dropped, not masked
+        if old.path in change.deletes and len(np.union1d(old.deleted, change.deletes[old.path])) == old.rows:
+            change.removed.add(old.path)
+            del change.deletes[old.path]
+    maintenance = dict((results.report or {}).get("maintenance") or {})
+    if compact:
+        live = _compact(spark, commit, run_id, live, change, results)
+        maintenance["compacted_at"] = _iso(CLOCK())
+        maintenance["oldest_uncompacted_delete"] = None
+    elif change.deletes and not maintenance.get("oldest_uncompacted_delete"):
+        maintenance["oldest_uncompacted_delete"] = _iso(CLOCK())
+    commit.apply("features", change)
     timer.lap("write")
+    _step(fail_at, "features")
 
+    n_ok = plan.reused + featurized
+    failure_rows = plan.kept_failures.to_pylist() + [
+        {"path": r["path"], "label": r["label"], "reason": r["reason"], "version": r["version"]} for r in new_failures
+    ]
     rpt = {
         "run_id": run_id,
         "finished_at": None,
-        "input": cfg.input,
-        "output": cfg.output,
-        "manifest": cfg.manifest,
+        "input": storage.normalize(cfg.input),
+        "output": results.root,
         "weights": weights.description,
+        "weights_fingerprint": weights.fingerprint,
         "images_total": n_ok + len(failure_rows),
         "images_ok": n_ok,
         "images_failed": len(failure_rows),
         "images_featurized": featurized,
-        "images_failed_this_run": len(new_failures) + len(early),
-        "images_reused": n_ok - featurized,
-        "images_removed": plan.removed + sum(r.status == GONE for r in not_ok),
+        "images_failed_this_run": len(new_failures),
+        "images_reused": plan.reused,
+        "images_removed": plan.removed + gone,
+        "images_recomputed_for_new_weights": plan.restale,
         "files_ignored": plan.ignored,
-        "failures_by_reason": dict(Counter(reason.split(":")[0] for _, reason, _, _ in failure_rows)),
+        "failures_by_reason": dict(Counter(r["reason"].split(":")[0] for r in failure_rows)),
         "variance_target": cfg.variance if cfg.k is None else None,
         "k": None,
         "explained_variance_ratio": [],
         "explained_variance_total": None,
         "pca_skipped": None,
         "plots": [],
+        "maintenance": maintenance,
     }
-    plots = fit_and_project(spark, out, cfg, rpt, f"{staging}/features", f"{staging}/pca", n_ok, log)
+    plots = _pca(spark, cfg, commit, run_id, live, rpt, n_ok, log)
     timer.lap("pca")
+    _step(fail_at, "pca")
 
+    failures_file = commit.data_file_path("failures", "0")
+    storage.write_parquet(failures_file, pa.Table.from_pylist(failure_rows, schema=arrow_schema("failures")))
+    commit.apply("failures", TableChange(added=[failures_file], replace_all=True))
+    _step(fail_at, "failures")
+
+    run_dir = storage.join(results.root, "runs", run_id)
     for name, data in plots.items():
-        out.write_bytes(f"{staging}/{name}", data)
-    rpt["plots"] = sorted(plots)
-    rpt["timings_s"] = {**timer.stages, "total": round(time.monotonic() - timer.start, 3)}
-    rpt["images_per_second"] = round(rpt["images_featurized"] / max(timer.stages["featurize"], 1e-9), 2)
+        storage.write_bytes(storage.join(run_dir, name), data, "image/png")
+    rpt["plots"] = [f"runs/{run_id}/{name}" for name in sorted(plots)]
+    rpt["timings_s"] = timer.total()
+    rpt["images_per_second"] = round(featurized / max(timer.stages.get("featurize", 0.0), 1e-9), 2)
     rpt["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    out.write_bytes(f"{staging}/report.json", json.dumps(rpt, indent=2).encode())
-    publish(out, staging, [*plots, "report.json"])
-    out.delete(out.path("_staging"))
-    return rpt
+    _step(fail_at, "publish")
+    published = commit.publish(rpt)
+    _step(fail_at, "published")
+    published["maintenance"]["orphans_removed"] = remove_orphans(Results(cfg.output), grace_s=_grace(cfg))
+    return {**published, "published": True}
 
 
-def featurize(spark, cfg: JobConfig, plan: Plan, weights, arrays: list, path: str, slices: int) -> DataFrame:
-    """The model pass, written once to staging: everything after it reads the result, never recomputes."""
+def _step(fail_at: Optional[str], name: str) -> None:
+    if fail_at == name:
+        raise RuntimeError(f"injected failure at step {name!r}")
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _grace(cfg: JobConfig) -> float:
+    """Orphans younger than this may belong to a run still writing (never to a published one)."""
+    return min(600.0, cfg.keep_snapshots_hours * 3600)
+
+
+def _local_session():
+    from emr_job.session import spark_session
+
+    return spark_session()
+
+
+def _compaction(cfg: JobConfig, results: Results, files: list, plan: Plan) -> bool:
+    """Rewrite files holding deleted rows once the oldest delete is old enough, or when small files pile up."""
+    oldest = ((results.report or {}).get("maintenance") or {}).get("oldest_uncompacted_delete")
+    if oldest and CLOCK() - datetime.fromisoformat(oldest).timestamp() >= cfg.compact_after_hours * 3600:
+        return True
+    return sum(f.rows - len(f.deleted) < ROWS_PER_FILE // 4 for f in files) > SMALL_FILES_TO_COMPACT
+
+
+def _live_after(files: list, change: TableChange) -> list:
+    """(path, deleted positions) of every data file of the features table once `change` is applied."""
+    live = []
+    for f in files:
+        deleted = np.union1d(f.deleted, change.deletes.get(f.path, np.array([], np.int64))).astype(np.int64)
+        if len(deleted) < f.rows:
+            live.append((f.path, deleted, f.rows))
+    return live + [(path, np.array([], np.int64), None) for path in change.added]
+
+
+def _file_tasks(spark, live: list):
+    rows = [(path, [int(p) for p in deleted]) for path, deleted, _ in live]
+    return spark.createDataFrame(rows, FILE_TASKS_SCHEMA)
+
+
+def _compact(spark, commit: RunCommit, run_id: str, live: list, change: TableChange, results: Results) -> list:
+    """Files with deleted rows, and small files, rewritten into full files without those rows."""
+    old = [(p, d, n) for p, d, n in live if n is not None and (len(d) or n < ROWS_PER_FILE // 4)]
+    if not old:
+        return live
+    schema = arrow_schema("features")
+    data_dir = storage.join(commit.results.table_location("features"), "data")
+    body = partial(rewrite_files, data_dir=data_dir, run_id=f"{run_id}-compact", schema=schema)
+    slices = max(1, math.ceil(sum(n - len(d) for _, d, n in old) / ROWS_PER_FILE))
+    written = _file_tasks(spark, old).coalesce(slices).mapInArrow(body, FILE_ROWS_SCHEMA).collect()
+    rewritten = {p for p, _, _ in old}
+    change.added += [r["path"] for r in written]
+    change.removed |= rewritten
+    change.removed |= {f.file_path for f in _delete_files(results)}  # every delete now points at a removed file
+    change.deletes = {}
+    return [x for x in live if x[0] not in rewritten] + [(r["path"], np.array([], np.int64), None) for r in written]
+
+
+def _delete_files(results: Results) -> list:
+    table = results.table("features")
+    if table is None or table.current_snapshot() is None:
+        return []
+    return [d for task in table.scan().plan_files() for d in task.delete_files]
+
+
+def _featurize(spark, cfg: JobConfig, plan: Plan, weights, arrays, commit: RunCommit, run_id: str, timer) -> list:
+    """The model pass over the images to (re)compute; returns the tasks' status rows as dicts."""
+    if not plan.featurize.num_rows:
+        return []
+    slices = task_count(spark, plan.featurize.num_rows, cfg.batch_size)
+    warm_workers(spark, cfg.batch_size, min(slices, spark.sparkContext.defaultParallelism))
+    arrays = arrays.result()  # loaded meanwhile
+    timer.lap("load_weights")
+    commit.table("features")  # created now if this is the first run
     weights_bc = spark.sparkContext.broadcast(arrays)
-    tasks = task_frame(spark, [(img.path, img.label, img.version) for img in plan.featurize], slices)
     body = partial(
         featurize_partition,
         weights=weights_bc,
         fingerprint=weights.fingerprint,
         batch_size=cfg.batch_size,
         io_threads=cfg.io_threads,
+        data_dir=storage.join(commit.results.table_location("features"), "data"),
+        run_id=run_id,
+        schema=arrow_schema("features"),
     )
-    tasks.mapInArrow(body, OUT_SCHEMA).write.options(**PARQUET).parquet(path)
+    tasks = task_frame(spark, plan.featurize.to_pylist(), slices)
+    status = [r.asDict() for r in tasks.mapInArrow(body, OUT_SCHEMA).collect()]
     weights_bc.unpersist()
-    return spark.read.parquet(path)
+    timer.lap("featurize")
+    return status
 
 
-def write_features(spark, old_features, new: DataFrame, drop: set, fingerprint: str, n_rows: int, path: str):
-    """The store: old rows still valid plus the new ones, in files of about ROWS_PER_FILE rows."""
-    features = new.filter(F.col("status") == OK).select(
-        "path", "label", "features", "version", F.lit(fingerprint).alias("weights")
-    )
-    if old_features is not None:
-        gone = spark.createDataFrame([(p,) for p in drop], "path string")
-        kept = old_features.join(F.broadcast(gone), "path", "left_anti").select(features.columns)
-        features = kept.unionByName(features)
-    features.coalesce(max(1, math.ceil(n_rows / ROWS_PER_FILE))).write.options(**PARQUET).parquet(path)
-
-
-def fit_and_project(spark, out: Output, cfg: JobConfig, rpt: dict, features_path: str, pca_path: str, n_ok: int, log):
-    """Fit PCA on the whole store, write the projections, update the report; returns the plots as PNG bytes."""
-    files = out.list_files(features_path, ".parquet")
-    tasks = spark.createDataFrame([(f,) for f in files], FILES_SCHEMA)  # a few names: one per slice already
+def _pca(spark, cfg: JobConfig, commit: RunCommit, run_id: str, live: list, rpt: dict, n_ok: int, log) -> dict:
+    """Fit PCA on every live feature row, write the projections, update the report; returns plots (PNG)."""
+    tasks = _file_tasks(spark, live)
     try:
-        moments = tasks.mapInArrow(file_moments, MOMENTS_SCHEMA).collect()
+        moments = tasks.mapInArrow(file_moments, MOMENTS_SCHEMA).collect() if live else []
         pca = fit_from_moments(moments, cfg.variance if cfg.k is None else None, cfg.k)
     except PcaError as exc:
         if cfg.k is not None and n_ok >= 2:
             raise  # the user asked for a k this data cannot give
         rpt["pca_skipped"] = str(exc)
         log(f"PCA skipped: {exc}")
-        spark.createDataFrame([], PROJECTION_SCHEMA).write.options(**PARQUET).parquet(pca_path)
+        commit.apply("pca", TableChange(replace_all=True))
         return {}
     rpt.update(
         k=pca.k,
         explained_variance_ratio=[float(x) for x in pca.explained_variance_ratio],
         explained_variance_total=float(pca.explained_variance_ratio.sum()),
     )
+    schema = arrow_schema("pca")
+    data_dir = storage.join(commit.results.table_location("pca"), "data")
     with ThreadPoolExecutor(1) as pool:  # matplotlib draws while Spark writes the projections
         variance_png = pool.submit(report.variance_plot, pca.all_ratios, pca.k, rpt["variance_target"])
-        body = partial(file_projection, mean=pca.mean, components=pca.components)
-        tasks.mapInArrow(body, PROJECTION_SCHEMA).write.options(**PARQUET).parquet(pca_path)
-        sample = spark.read.parquet(pca_path).limit(report.MAX_SCATTER_POINTS).collect()
-        coords = np.array([r.pca[:2] for r in sample], dtype=np.float32).reshape(len(sample), -1)
+        body = partial(file_projection, mean=pca.mean, components=pca.components, data_dir=data_dir,
+                       run_id=run_id, schema=schema)  # fmt: skip
+        written = tasks.mapInArrow(body, FILE_ROWS_SCHEMA).collect()
+        commit.apply("pca", TableChange(added=[r["path"] for r in written], replace_all=True))
+        sample = _scatter_sample(written, schema)
         return {
             "explained_variance.png": variance_png.result(),
-            "pca_scatter.png": report.scatter_plot(coords, [r.label for r in sample]),
+            "pca_scatter.png": report.scatter_plot(sample["coords"], sample["labels"]),
         }
 
 
-def task_count(spark: SparkSession, images: int, batch_size: int) -> int:
+def _scatter_sample(written: list, schema: pa.Schema) -> dict:
+    """The first two coordinates of up to MAX_SCATTER_POINTS rows, read back from the new pca files."""
+    import pyarrow.parquet as pq
+
+    coords, labels, left = [], [], report.MAX_SCATTER_POINTS
+    for row in written:
+        if left <= 0:
+            break
+        fs, where = storage.filesystem(row["path"])
+        part = pq.read_table(where, columns=["label", "pca"], filesystem=fs).slice(0, left)
+        coords += [c[:2] for c in part.column("pca").to_pylist()]
+        labels += part.column("label").to_pylist()
+        left -= part.num_rows
+    width = min((len(c) for c in coords), default=1)
+    return {"coords": np.array([c[:width] for c in coords], np.float32).reshape(len(coords), -1), "labels": labels}
+
+
+def task_count(spark, images: int, batch_size: int) -> int:
     """A multiple of the cores for real work; fewer tasks (and TensorFlow starts) for a small increment."""
     parallelism = spark.sparkContext.defaultParallelism
     if images < parallelism * batch_size * 4:
@@ -267,28 +336,18 @@ def task_count(spark: SparkSession, images: int, batch_size: int) -> int:
     return parallelism * max(1, math.ceil(images / IMAGES_PER_TASK / parallelism))
 
 
-def task_frame(spark: SparkSession, rows: list, slices: int) -> DataFrame:
+def task_frame(spark, rows: list, slices: int):
     """Images to featurize in evenly sized partitions.
 
     The round-robin repartition runs in the JVM on a few KB of paths. Without it, parallelize() (which
     createDataFrame(list) uses) slices by 1024-row serialization batches: one task gets the remainder and
     a core idles while it finishes."""
-    return spark.createDataFrame(rows, IN_SCHEMA).repartition(slices)
+    return spark.createDataFrame([(r["path"], r["label"], r["version"]) for r in rows], IN_SCHEMA).repartition(slices)
 
 
-def warm_workers(spark: SparkSession, batch_size: int, n: int) -> None:
+def warm_workers(spark, batch_size: int, n: int) -> None:
     """Build and trace the network (~4 s) in n Python workers now, while the driver loads the weights.
 
     Through mapInArrow like the real work: Spark reuses those workers for it, not the RDD API's."""
     cells = spark.createDataFrame([(i,) for i in range(n)], "i int").repartition(n)
     cells.mapInArrow(partial(prepare_worker, batch_size=batch_size), "ok boolean").collect()
-
-
-def publish(out: Output, staging: str, files: list) -> None:
-    """Swap staged results in only after every one of them was written: a failed run leaves the old ones."""
-    trash = f"{staging}/_previous"
-    for name in [*RESULTS, *files]:
-        final = out.path(name)
-        if out.exists(final):
-            out.rename(final, f"{trash}/{name}")
-        out.rename(f"{staging}/{name}", final)

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by spark-submit: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from emr_job.images import ImageError  # noqa: E402  (after the sys.path fix above)
-from emr_job.model import WeightsError, load_arrays, resolve_weights  # noqa: E402
+from emr_job.model import WeightsError  # noqa: E402
 from emr_job.pca import PcaError  # noqa: E402
 
 log = logging.getLogger("emr_job")
@@ -24,8 +20,7 @@ log = logging.getLogger("emr_job")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="emr_job", description=__doc__)
     parser.add_argument("--input", required=True, help="folder or s3:// prefix laid out as <label>/<file>")
-    parser.add_argument("--output", required=True, help="folder or s3:// prefix for features/, pca/, ...")
-    parser.add_argument("--manifest", help="run manifest (JSON with added/removed URIs), local or s3://")
+    parser.add_argument("--output", required=True, help="folder or s3:// prefix for report.json and tables/")
     parser.add_argument(
         "--weights", default="random", help="random (seeded, offline) | imagenet | PATH | s3://... (default random)"
     )
@@ -34,6 +29,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--k", type=int, help="keep exactly k components")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     parser.add_argument("--io-threads", type=int, default=8, help="concurrent reads+decodes per task")
+    parser.add_argument(
+        "--compact-after-hours", type=float, default=12.0, help="rewrite files holding deleted rows after this"
+    )
+    parser.add_argument(
+        "--keep-snapshots-hours", type=float, default=1.0, help="remove older table snapshots and their files"
+    )
     args = parser.parse_args(argv)
     if args.variance is not None and not 0 < args.variance <= 1:
         parser.error(f"--variance must be in (0, 1], got {args.variance}")
@@ -44,63 +45,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def spark_session():
-    """Under spark-submit the cluster's settings win; `python -m emr_job` gets a local session."""
-    from pyspark.sql import SparkSession
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    builder = SparkSession.builder.appName("emr_job")
-    if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers use this venv, not PATH's python
-        root = str(Path(__file__).resolve().parent.parent)
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-        builder = (
-            builder.master(os.environ.get("SPARK_MASTER", "local[*]"))
-            .config("spark.ui.enabled", "false")
-            .config("spark.ui.showConsoleProgress", "false")
-            .config("spark.sql.shuffle.partitions", "8")
-            .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "1g"))
-            # Spark runs one task per core: numpy's BLAS threads in each would only oversubscribe them.
-            .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1")
-        )
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("ERROR")
-    return spark
-
-
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pyiceberg").setLevel(logging.WARNING)  # "Defaulting to PyArrow FileIO", per table
     args = parse_args(argv)
-    started = time.monotonic()
     from emr_job.job import JobConfig, run
     from emr_job.report import summary
+    from emr_job.session import spark_session
+    from emr_job.store import CommitError
 
     cfg = JobConfig(
         input=args.input,
         output=args.output,
-        manifest=args.manifest,
         weights=args.weights,
         variance=args.variance,
         k=args.k,
         batch_size=args.batch_size,
         io_threads=args.io_threads,
+        compact_after_hours=args.compact_after_hours,
+        keep_snapshots_hours=args.keep_snapshots_hours,
     )
+    started = []
+
+    def session():
+        started.append(spark_session())
+        return started[0]
+
     try:
-        weights = resolve_weights(cfg.weights, tempfile.mkdtemp(prefix="emr_job-"))
-    except WeightsError as exc:
-        log.error("%s", exc)
+        rpt = run(cfg, log=log.info, session=session)
+    except (WeightsError, PcaError, ImageError, FileNotFoundError, ValueError, CommitError) as exc:
+        log.error("run failed, previous results left as they were: %s", exc)
         return 1
-    # The driver's TensorFlow import and weight loading overlap the JVM's start.
-    with ThreadPoolExecutor(1) as pool:
-        arrays = pool.submit(load_arrays, weights)
-        spark = spark_session()
-        log.info("spark session ready in %.1fs", time.monotonic() - started)
-        try:
-            rpt = run(spark, cfg, log=log.info, weights_loading=(weights, arrays))
-        except (WeightsError, PcaError, ImageError, FileNotFoundError, ValueError) as exc:
-            log.error("run failed, previous results left as they were: %s", exc)
-            return 1
-        finally:
+    finally:
+        for spark in started:
             spark.stop()
     print(summary(rpt), flush=True)
     return 0

@@ -70,6 +70,12 @@ def scatter_plot(coords: np.ndarray, labels: list) -> bytes:
 
 def summary(report: dict) -> str:
     """The few lines `make run` prints."""
+    if not report.get("published", True):
+        return (
+            f"nothing changed under the input since run {report.get('run_id')}: no model work, nothing published"
+            f"\nresults: {report.get('output')}/report.json ({report.get('images_ok')} images ok,"
+            f" {report.get('images_failed')} failed)"
+        )
     lines = [
         f"images: {report['images_total']} total, {report['images_ok']} ok, {report['images_failed']} failed"
         f" ({report['images_featurized']} featurized this run, {report['images_reused']} reused,"
@@ -86,8 +92,9 @@ def summary(report: dict) -> str:
     speed = (
         f"{report['images_per_second']:.1f} images/s featurizing" if report["images_featurized"] else "no model work"
     )
-    lines.append(f"speed: {speed}; total {t['total']:.1f}s (featurize {t['featurize']:.1f}s, pca {t['pca']:.1f}s)")
+    stages = ", ".join(f"{name} {t[name]:.1f}s" for name in ("featurize", "pca") if name in t)
+    lines.append(f"speed: {speed}; total {t['total']:.1f}s ({stages})")
     for reason, count in sorted(report["failures_by_reason"].items(), key=lambda kv: -kv[1])[:5]:
         lines.append(f"failed: {count} x {reason}")
-    lines.append(f"results: {report['output']}  (report.json, {', '.join(report['plots'])})")
+    lines.append(f"results: {report['output']}/report.json  (plots: {', '.join(report['plots']) or 'none'})")
     return "\n".join(lines)

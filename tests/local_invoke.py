@@ -2,7 +2,7 @@
 
 The Docker-free counterpart of `sam local invoke`: the stack's bucket, table, queues, topic and EMR
 Serverless application are created in moto, the function runs with the environment template.yaml gives
-it, and what it did (runs started, manifests written, messages dead-lettered, alerts) is printed after.
+it, and what it did (pipeline state, runs started, messages dead-lettered, alerts) is printed after.
 """
 
 import argparse
@@ -19,7 +19,7 @@ for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
 
 from moto import mock_aws  # noqa: E402
 
-from tests.lambdas.stack import BUCKET, create_stack, job_runs  # noqa: E402
+from tests.lambdas.stack import create_stack, job_runs  # noqa: E402
 
 CONTEXT = SimpleNamespace(
     function_name="local",
@@ -30,28 +30,27 @@ CONTEXT = SimpleNamespace(
 )
 
 
-def is_state_event(event: dict) -> bool:
-    return event.get("source") in ("aws.emr-serverless", "aws.emr")
+def is_for_job_state(event: dict) -> bool:
+    return event.get("source") in ("aws.emr-serverless", "aws.emr") or "action" in event
 
 
 def summary(stack) -> list:
-    lines = []
-    listed = stack.s3.list_objects_v2(Bucket=BUCKET, Prefix="manifests/").get("Contents", [])
-    for obj in listed:
-        doc = json.loads(stack.s3.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read())
-        if "/runs/" in obj["Key"]:
-            lines.append(f"run manifest  s3://{BUCKET}/{obj['Key']}: {len(doc['added'])} added, "
-                         f"{len(doc['removed'])} removed, attempt {doc['attempt']}")  # fmt: skip
-        else:
-            folder = obj["Key"].split("/")[-2]
-            lines.append(f"{folder + ' manifest':<13} s3://{BUCKET}/{obj['Key']}")
-    for run in job_runs(stack):
-        lines.append(f"EMR Serverless StartJobRun: job {run['id']} for {run['name']} (moto reports it {run['state']})")
+    item = stack.ddb.get_item(TableName="runs", Key={"id": {"S": "pipeline"}}).get("Item", {})
+    plain = {k: next(iter(v.values())) for k, v in item.items() if k != "id"}
+    run = {k: next(iter(v.values())) for k, v in plain.pop("run", {}).items()}
+    lines = [f"pipeline state: changes marked {plain.get('gen', 0)}, processed {plain.get('processed_gen', 0)}, "
+             f"failures {plain.get('failures', 0)}, active run {run.get('run_id', '-')}"]  # fmt: skip
+    if "last_run" in plain:
+        last = {k: next(iter(v.values())) for k, v in plain["last_run"].items()}
+        lines.append(f"last run: {last.get('run_id')} ended {last.get('state')}")
+    for job in job_runs(stack):
+        lines.append(f"EMR Serverless StartJobRun: job {job['id']} for {job['name']} (moto reports it {job['state']})")
     dead = stack.sqs.get_queue_attributes(QueueUrl=stack.dlq, AttributeNames=["ApproximateNumberOfMessages"])
     lines.append(f"dead-letter queue: {dead['Attributes']['ApproximateNumberOfMessages']} message(s)")
     alerts = stack.sqs.receive_message(QueueUrl=stack.alerts, MaxNumberOfMessages=10).get("Messages", [])
     for alert in alerts:
-        lines.append(f"SNS alert: {json.loads(alert['Body'])['summary']}")
+        body = json.loads(alert["Body"])
+        lines.append(f"SNS alert: {body['subject']} ({body['detail']})")
     return lines
 
 
@@ -66,19 +65,20 @@ def main(argv=None) -> int:
         os.environ.update(stack.env)
         import trigger.app as trigger_app
 
-        if is_state_event(event):
-            # A state event needs a run to settle: start one from the sample batch, then point the event at it.
-            with open(os.path.join(ROOT, "events", "sqs_batch.json"), encoding="utf-8") as fh:
-                trigger_app.lambda_handler(json.load(fh), CONTEXT)
+        if is_for_job_state(event):
             import job_state.app as job_state_app
 
-            active = job_state_app.PIPELINE.lock.active()
-            key = "jobRunId" if event["source"] == "aws.emr-serverless" else "clusterId"
-            if event["source"] == "aws.emr":
-                print("note: this stack runs ENGINE=serverless; an EMR on EC2 event is ignored by it")
-            else:
-                print(f"note: started run {active.run_id} from events/sqs_batch.json; event now names it")
-                event["detail"][key] = active.job_id
+            if "action" not in event:
+                # A state event needs a run to settle: start one from the sample batch, then point the event at it.
+                with open(os.path.join(ROOT, "events", "sqs_batch.json"), encoding="utf-8") as fh:
+                    trigger_app.lambda_handler(json.load(fh), CONTEXT)
+                run = job_state_app.PIPELINE.state.read().run
+                if event["source"] == "aws.emr":
+                    print("note: this stack runs ENGINE=serverless; an EMR on EC2 event is ignored by it")
+                else:
+                    print(f"note: started run {run.run_id} from events/sqs_batch.json; event now names its job")
+                    event["detail"]["jobRunId"] = run.job_id
+                    event["detail"]["applicationId"] = stack.app_id
             result = job_state_app.lambda_handler(event, CONTEXT)
             handler = "job_state"
         else:

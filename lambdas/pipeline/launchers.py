@@ -1,14 +1,25 @@
-"""Two engines behind one small interface: start(run_id, manifest_uri) -> job id; parse their state events."""
+"""Two engines behind one small interface: start(run_id) -> job id, status(job_id) -> outcome or None while it
+runs, and their EventBridge state events -> outcome."""
 
 from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Optional
+
+from botocore.exceptions import ClientError
 
 from pipeline.settings import Settings
 
 ACTIVE_CLUSTER_STATES = ["STARTING", "BOOTSTRAPPING", "RUNNING", "WAITING"]
+# Errors that prove the start request was refused, so no job exists: anything else (throttling, 5xx, a lost
+# response) may hide a job that did start, and the start is retried with the same idempotency token instead.
+REFUSED = {"ValidationException", "AccessDeniedException", "ResourceNotFoundException", "ConflictException"}
+
+
+class StartRefused(RuntimeError):
+    """The engine refused to start the run (bad configuration or permissions): no job exists."""
 
 
 @dataclass(frozen=True)
@@ -20,16 +31,56 @@ class JobOutcome:
     detail: str = ""
 
 
+def _run_time(run_id: str) -> float:
+    """run-YYYYmmddTHHMMSSZ-xxxx -> epoch seconds (0 when the id has another shape)."""
+    try:
+        stamp = datetime.strptime(run_id.split("-")[1], "%Y%m%dT%H%M%SZ")
+    except (IndexError, ValueError):
+        return 0.0
+    return stamp.replace(tzinfo=timezone.utc).timestamp()
+
+
+def _start(call, **kwargs) -> dict:
+    try:
+        return call(**kwargs)
+    except ClientError as exc:
+        code = exc.response["Error"]["Code"]
+        if code in REFUSED:
+            raise StartRefused(f"{code}: {exc.response['Error'].get('Message', '')}") from exc
+        raise
+
+
 class ServerlessLauncher:
     engine = "serverless"
+    TERMINAL = {"SUCCESS": True, "FAILED": False, "CANCELLED": False}
 
     def __init__(self, client, settings: Settings):
         self.client, self.s = client, settings
 
-    def start(self, run_id: str, manifest_uri: str) -> str:
+    def find(self, run_id: str) -> Optional[str]:
+        """The job run this run already started, if a start whose answer was lost did start one."""
+        since = datetime.fromtimestamp(_run_time(run_id) - 86400, tz=timezone.utc)
+        pages = self.client.get_paginator("list_job_runs").paginate(
+            applicationId=self.s.emr_application_id, createdAtAfter=since
+        )
+        try:
+            for page in pages:
+                for job in page["jobRuns"]:
+                    if job.get("name") == run_id:
+                        return job["id"]
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ResourceNotFoundException":
+                raise  # (moto's answer for an application without runs; on AWS StartJobRun then refuses)
+        return None
+
+    def start(self, run_id: str) -> str:
         s = self.s
+        found = self.find(run_id)  # the client token deduplicates too; this does not rely on it alone
+        if found:
+            return found
         params = f"--py-files {s.job_archive_uri} {s.spark_submit_parameters}".strip()
-        response = self.client.start_job_run(
+        response = _start(
+            self.client.start_job_run,
             applicationId=s.emr_application_id,
             clientToken=run_id,  # a retried start for the same run returns the same job run
             name=run_id,
@@ -37,7 +88,7 @@ class ServerlessLauncher:
             jobDriver={
                 "sparkSubmit": {
                     "entryPoint": s.job_entry_uri,
-                    "entryPointArguments": s.job_arguments(manifest_uri),
+                    "entryPointArguments": s.job_arguments(),
                     "sparkSubmitParameters": params,
                 }
             },
@@ -51,21 +102,34 @@ class ServerlessLauncher:
         )
         return response["jobRunId"]
 
+    def status(self, job_id: str) -> Optional[JobOutcome]:
+        try:
+            run = self.client.get_job_run(applicationId=self.s.emr_application_id, jobRunId=job_id)["jobRun"]
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ResourceNotFoundException":
+                return JobOutcome(self.engine, job_id, False, "NOT_FOUND", "EMR Serverless has no such job run")
+            raise
+        state = run["state"]
+        if state not in self.TERMINAL:
+            return None
+        return JobOutcome(self.engine, job_id, self.TERMINAL[state], state, run.get("stateDetails", ""))
+
 
 class Ec2Launcher:
     """A transient cluster per run: one step, terminated when the step ends, whatever its outcome."""
 
     engine = "ec2"
+    STEP_TERMINAL = {"COMPLETED": True, "FAILED": False, "CANCELLED": False, "INTERRUPTED": False}
 
     def __init__(self, client, settings: Settings):
         self.client, self.s = client, settings
 
-    def _cluster_name(self, run_id: str) -> str:
+    def cluster_name(self, run_id: str) -> str:
         return f"image-features-{run_id}"
 
-    def start(self, run_id: str, manifest_uri: str) -> str:
+    def start(self, run_id: str) -> str:
         s = self.s
-        name = self._cluster_name(run_id)
+        name = self.cluster_name(run_id)
         # RunJobFlow has no client token: a retried start first looks for the cluster it may have made.
         for page in self.client.get_paginator("list_clusters").paginate(ClusterStates=ACTIVE_CLUSTER_STATES):
             for cluster in page["Clusters"]:
@@ -84,9 +148,12 @@ class Ec2Launcher:
         }  # fmt: skip
         if s.ec2_subnet_id:
             instances["Ec2SubnetId"] = s.ec2_subnet_id
-        submit = ["spark-submit", "--deploy-mode", "cluster", "--py-files", s.job_archive_uri]
-        submit += shlex.split(s.spark_submit_parameters) + [s.job_entry_uri, *s.job_arguments(manifest_uri)]
-        response = self.client.run_job_flow(
+        # `timeout` enforces JOB_TIMEOUT_MINUTES on the step: EMR steps have no timeout of their own.
+        submit = ["timeout", f"{s.job_timeout_minutes}m", "spark-submit", "--deploy-mode", "cluster",
+                  "--py-files", s.job_archive_uri]  # fmt: skip
+        submit += shlex.split(s.spark_submit_parameters) + [s.job_entry_uri, *s.job_arguments()]
+        response = _start(
+            self.client.run_job_flow,
             Name=name,
             ReleaseLabel=s.emr_release_label,
             LogUri=f"s3://{s.bucket}/{s.logs_prefix}emr-ec2/",
@@ -121,6 +188,20 @@ class Ec2Launcher:
         )
         return response["JobFlowId"]
 
+    def status(self, job_id: str) -> Optional[JobOutcome]:
+        """The step's end state; a cluster that ended without one (bootstrap failure, capacity) failed."""
+        steps = self.client.list_steps(ClusterId=job_id).get("Steps", [])
+        for step in steps:
+            state = step["Status"]["State"]
+            if state in self.STEP_TERMINAL:
+                reason = step["Status"].get("FailureDetails", {}).get("Reason", "")
+                return JobOutcome(self.engine, job_id, self.STEP_TERMINAL[state], state, reason)
+        cluster = self.client.describe_cluster(ClusterId=job_id)["Cluster"]["Status"]
+        if cluster["State"].startswith("TERMINATED"):
+            return JobOutcome(self.engine, job_id, False, cluster["State"], cluster.get("StateChangeReason", {})
+                              .get("Message", ""))  # fmt: skip
+        return None
+
 
 def make_launcher(settings: Settings, emr_serverless=None, emr=None):
     if settings.engine == "serverless":
@@ -128,21 +209,19 @@ def make_launcher(settings: Settings, emr_serverless=None, emr=None):
     return Ec2Launcher(emr, settings)
 
 
-SERVERLESS_TERMINAL = {"SUCCESS": True, "FAILED": False, "CANCELLED": False}
-STEP_TERMINAL = {"COMPLETED": True, "FAILED": False, "CANCELLED": False, "INTERRUPTED": False}
-CLUSTER_FAILED = {"TERMINATED_WITH_ERRORS"}
-
-
 def parse_state_event(event: dict) -> Optional[JobOutcome]:
     """EventBridge state change -> outcome if the job reached an end state; None for in-between states."""
+    if not isinstance(event, dict):
+        return None
     detail_type, detail = event.get("detail-type", ""), event.get("detail") or {}
     state = detail.get("state", "")
-    if detail_type == "EMR Serverless Job Run State Change" and state in SERVERLESS_TERMINAL:
-        return JobOutcome("serverless", detail["jobRunId"], SERVERLESS_TERMINAL[state], state,
+    if detail_type == "EMR Serverless Job Run State Change" and state in ServerlessLauncher.TERMINAL:
+        return JobOutcome("serverless", detail["jobRunId"], ServerlessLauncher.TERMINAL[state], state,
                           detail.get("stateDetails", ""))  # fmt: skip
-    if detail_type == "EMR Step Status Change" and state in STEP_TERMINAL:
-        return JobOutcome("ec2", detail["clusterId"], STEP_TERMINAL[state], state, detail.get("message", ""))
-    if detail_type == "EMR Cluster State Change" and state in CLUSTER_FAILED:
+    if detail_type == "EMR Step Status Change" and state in Ec2Launcher.STEP_TERMINAL:
+        return JobOutcome("ec2", detail["clusterId"], Ec2Launcher.STEP_TERMINAL[state], state,
+                          detail.get("message", ""))  # fmt: skip
+    if detail_type == "EMR Cluster State Change" and state == "TERMINATED_WITH_ERRORS":
         # The cluster died without a step event (bootstrap failure, capacity): the run failed.
         return JobOutcome("ec2", detail["clusterId"], False, state, detail.get("stateChangeReason", ""))
     return None

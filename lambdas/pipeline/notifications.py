@@ -1,4 +1,9 @@
-"""Any way S3 can tell us about uploads -> a flat list of object changes, plus what was ignored and why."""
+"""Any way S3 can tell us something changed -> how many relevant changes, and when the latest happened.
+
+Events are hints, never the record of what to process (the job lists images/ itself). So object keys are
+read only to decide whether a change concerns an image under the images prefix, and never kept. Whether a
+key arrives form-encoded (S3 notifications) or not (EventBridge) cannot change that decision for a key
+under the prefix with an image extension, so a mis-decoded key can at worst ask for one run too many."""
 
 from __future__ import annotations
 
@@ -6,144 +11,132 @@ import json
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Optional
 from urllib.parse import unquote_plus
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
-CREATED, REMOVED = "created", "removed"
-TICK = {"image-features": "tick"}  # the trigger's own delayed message (coordinator.schedule_tick)
-
-
-@dataclass(frozen=True)
-class Change:
-    bucket: str
-    key: str  # decoded
-    action: str  # CREATED | REMOVED
-    sequencer: str  # S3's per-key ordering token ("" when the source gives none)
-    etag: str = ""
-    message_id: str = ""  # the SQS message it came in, for partial batch failures
-
-    @property
-    def uri(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
-
-    @property
-    def identity(self) -> str:
-        """What makes two deliveries the same event: bucket + key + sequencer (or ETag)."""
-        return f"{self.bucket}/{self.key}#{self.action}#{self.sequencer or self.etag}"
+TICK = {"image-features": "tick"}  # the trigger's own delayed message: "check again once uploads settle"
+# S3 event names that change what images/ holds. Lifecycle expiry is not an ObjectRemoved event.
+CHANGE_PREFIXES = ("ObjectCreated:", "ObjectRemoved:", "LifecycleExpiration:")
+EVENTBRIDGE_CHANGES = ("Object Created", "Object Deleted")
 
 
 @dataclass
-class Parsed:
-    changes: list = field(default_factory=list)
+class Signals:
+    changes: int = 0  # relevant changes (image keys under the prefix)
+    latest_change_at: Optional[float] = None  # epoch seconds of the newest relevant change (None: unknown)
+    ticks: int = 0
     ignored: Counter = field(default_factory=Counter)  # reason -> count
     malformed: list = field(default_factory=list)  # (message_id, reason, raw body)
-    message_ids: list = field(default_factory=list)  # SQS message ids that carried valid changes
     from_sqs: bool = False
-    ticks: int = 0  # our own delayed "start when settled" messages
+
+    def saw_change(self, when: Optional[float]) -> None:
+        self.changes += 1
+        if when is None:
+            return
+        self.latest_change_at = when if self.latest_change_at is None else max(self.latest_change_at, when)
 
 
 def is_image_key(key: str) -> bool:
     return posixpath.splitext(key)[1].lower() in IMAGE_EXTENSIONS
 
 
-def parse(event: dict, bucket: str, images_prefix: str) -> Parsed:
-    """Normalise one Lambda event. Never raises on bad content: bad SQS bodies land in `malformed`."""
-    parsed = Parsed()
+def parse(event, bucket: str, images_prefix: str) -> Signals:
+    """Normalise one Lambda event. An unreadable SQS message lands in `malformed`; the others proceed."""
+    signals = Signals()
     records = event.get("Records") if isinstance(event, dict) else None
-    if records and all(r.get("eventSource") == "aws:sqs" for r in records):
-        parsed.from_sqs = True
+    if isinstance(records, list) and records and all(_is_sqs(r) for r in records):
+        signals.from_sqs = True
         for record in records:
-            message_id = record.get("messageId", "")
+            message_id = str(record.get("messageId") or "")
+            body = record.get("body")
             try:
-                body = json.loads(record.get("body") or "")
-                if body == TICK:
-                    parsed.ticks += 1
+                doc = json.loads(body) if isinstance(body, str) else body
+                if doc == TICK:
+                    signals.ticks += 1
                     continue
-                found = _changes(body, message_id, parsed.ignored)
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                parsed.malformed.append((message_id, f"{type(exc).__name__}: {exc}", record.get("body")))
-                continue
-            kept = _keep(found, bucket, images_prefix, parsed.ignored)
-            parsed.changes += kept
-            if kept:
-                parsed.message_ids.append(message_id)
-        return parsed
-    # Direct invocation by S3 or by an EventBridge rule: a bad event is a bug in the wiring, so it raises.
-    parsed.changes = _keep(_changes(event, "", parsed.ignored), bucket, images_prefix, parsed.ignored)
-    return parsed
+                _read(doc, bucket, images_prefix, signals, depth=0)
+            except Exception as exc:  # any shape at all: RecursionError on deep nesting included
+                signals.malformed.append((message_id, f"{type(exc).__name__}: {str(exc)[:200]}", body))
+        return signals
+    # Invoked by S3 directly or by an EventBridge rule: a bad event is a wiring bug and raises.
+    _read(event, bucket, images_prefix, signals, depth=0)
+    return signals
 
 
-def _changes(body: dict, message_id: str, ignored: Counter) -> list:
-    if not isinstance(body, dict):
+def _is_sqs(record) -> bool:
+    return isinstance(record, dict) and record.get("eventSource") == "aws:sqs"
+
+
+def _read(doc, bucket: str, prefix: str, signals: Signals, depth: int) -> None:
+    if not isinstance(doc, dict):
         raise ValueError("message body is not a JSON object")
-    if body.get("Type") == "Notification" and "Message" in body:  # S3 -> SNS -> SQS
-        return _changes(json.loads(body["Message"]), message_id, ignored)
-    if body.get("Event") == "s3:TestEvent":  # sent once when the notification is configured
-        ignored["s3:TestEvent"] += 1
-        return []
-    if "detail-type" in body and body.get("source") == "aws.s3":
-        return [_from_eventbridge(body, message_id, ignored)] if _eventbridge_action(body) else _skip(body, ignored)
-    if isinstance(body.get("Records"), list):
-        out = []
-        for record in body["Records"]:
-            change = _from_s3_record(record, message_id)
-            if change is None:
-                ignored[f"event {record.get('eventName', '?')}"] += 1
-            else:
-                out.append(change)
-        return out
-    raise ValueError("neither an S3 notification, an EventBridge S3 event nor an s3:TestEvent")
+    if doc.get("Type") == "Notification" and "Message" in doc and depth == 0:  # S3 -> SNS -> SQS
+        _read(json.loads(doc["Message"]), bucket, prefix, signals, depth + 1)
+    elif doc.get("Event") == "s3:TestEvent":  # sent once when the notification is configured
+        signals.ignored["s3:TestEvent"] += 1
+    elif doc.get("source") == "aws.s3" and "detail-type" in doc:
+        _eventbridge(doc, bucket, prefix, signals)
+    elif isinstance(doc.get("Records"), list):
+        for record in doc["Records"]:
+            _s3_record(record, bucket, prefix, signals)
+    else:
+        raise ValueError("neither an S3 notification, an EventBridge S3 event nor an s3:TestEvent")
 
 
-def _skip(body: dict, ignored: Counter) -> list:
-    ignored[f"event {body.get('detail-type')}"] += 1
-    return []
+def _s3_record(record, bucket: str, prefix: str, signals: Signals) -> None:
+    if not isinstance(record, dict):
+        raise ValueError("an S3 record is not a JSON object")
+    name = record.get("eventName")
+    if not isinstance(name, str):
+        raise ValueError("an S3 record has no eventName")
+    if not name.startswith(CHANGE_PREFIXES):
+        signals.ignored[f"event {name}"] += 1
+        return
+    s3 = record.get("s3")
+    where = (s3.get("bucket") or {}).get("name") if isinstance(s3, dict) else None
+    key = (s3.get("object") or {}).get("key") if isinstance(s3, dict) else None
+    if not isinstance(where, str) or not isinstance(key, str):
+        raise ValueError("an S3 record lacks s3.bucket.name or s3.object.key as strings")
+    if _relevant(where, unquote_plus(key), bucket, prefix, signals):
+        signals.saw_change(_epoch(record.get("eventTime")))
 
 
-def _from_s3_record(record: dict, message_id: str) -> Optional[Change]:
-    name = record["eventName"]
-    action = CREATED if name.startswith("ObjectCreated:") else REMOVED if name.startswith("ObjectRemoved:") else None
-    if action is None:
+def _eventbridge(doc: dict, bucket: str, prefix: str, signals: Signals) -> None:
+    if doc["detail-type"] not in EVENTBRIDGE_CHANGES:
+        signals.ignored[f"event {doc['detail-type']}"] += 1
+        return
+    detail = doc.get("detail")
+    where = (detail.get("bucket") or {}).get("name") if isinstance(detail, dict) else None
+    key = (detail.get("object") or {}).get("key") if isinstance(detail, dict) else None
+    if not isinstance(where, str) or not isinstance(key, str):
+        raise ValueError("an EventBridge S3 event lacks detail.bucket.name or detail.object.key as strings")
+    if _relevant(where, key, bucket, prefix, signals):
+        signals.saw_change(_epoch(doc.get("time")))
+
+
+def _relevant(where: str, key: str, bucket: str, prefix: str, signals: Signals) -> bool:
+    reason = None
+    if where != bucket:
+        reason = "other bucket"
+    elif not key.startswith(prefix):
+        reason = "outside the images prefix"
+    elif key.endswith("/"):
+        reason = "folder marker"
+    elif not is_image_key(key):
+        reason = "not an image"
+    if reason:
+        signals.ignored[reason] += 1
+        return False
+    return True
+
+
+def _epoch(text) -> Optional[float]:
+    """S3's eventTime / EventBridge's time; None when absent or unreadable (treated as "just now")."""
+    if not isinstance(text, str):
         return None
-    obj = record["s3"]["object"]
-    return Change(
-        bucket=record["s3"]["bucket"]["name"],
-        key=unquote_plus(obj["key"]),  # notification keys are form-encoded: "red flower.jpg" -> "red+flower.jpg"
-        action=action,
-        sequencer=str(obj.get("sequencer", "")),
-        etag=str(obj.get("eTag", "")),
-        message_id=message_id,
-    )
-
-
-def _eventbridge_action(body: dict) -> Optional[str]:
-    return {"Object Created": CREATED, "Object Deleted": REMOVED}.get(body["detail-type"])
-
-
-def _from_eventbridge(body: dict, message_id: str, ignored: Counter) -> Change:
-    detail = body["detail"]
-    return Change(
-        bucket=detail["bucket"]["name"],
-        key=detail["object"]["key"],  # EventBridge carries the key as is, not form-encoded
-        action=_eventbridge_action(body),
-        sequencer=str(detail["object"].get("sequencer", "")),
-        etag=str(detail["object"].get("etag", "")),
-        message_id=message_id,
-    )
-
-
-def _keep(changes: list, bucket: str, images_prefix: str, ignored: Counter) -> list:
-    kept = []
-    for change in changes:
-        if change.bucket != bucket:
-            ignored["other bucket"] += 1
-        elif not change.key.startswith(images_prefix):
-            ignored["outside the images prefix"] += 1
-        elif change.key.endswith("/"):
-            ignored["folder marker"] += 1
-        elif not is_image_key(change.key):
-            ignored["not an image"] += 1
-        else:
-            kept.append(change)
-    return kept
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

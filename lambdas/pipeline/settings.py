@@ -16,11 +16,12 @@ ENV_VARS: dict = {
     "ENGINE": "serverless",
     "IMAGES_PREFIX": "images/",
     "RESULTS_PREFIX": "results/",
-    "MANIFESTS_PREFIX": "manifests/",
     "ARTIFACTS_PREFIX": "artifacts/",
     "LOGS_PREFIX": "logs/",
     "QUEUE_URL": "",
     "QUIET_SECONDS": "60",
+    "MAX_WAIT_SECONDS": "900",
+    "RETRY_BASE_SECONDS": "300",
     "DEAD_LETTER_QUEUE_URL": "",
     "ALERT_TOPIC_ARN": "",
     "MAX_ATTEMPTS": "3",
@@ -52,11 +53,12 @@ class Settings:
     engine: str
     images_prefix: str
     results_prefix: str
-    manifests_prefix: str
     artifacts_prefix: str
     logs_prefix: str
     queue_url: str
     quiet_seconds: int
+    max_wait_seconds: int
+    retry_base_seconds: int
     dead_letter_queue_url: str
     alert_topic_arn: str
     max_attempts: int
@@ -95,16 +97,11 @@ class Settings:
     def weights_uri(self) -> str:
         return f"s3://{self.bucket}/{self.artifacts_prefix}model/mobilenet_v2.weights.h5"
 
-    @property
-    def lock_lease_seconds(self) -> int:
-        # Outlives any run (EMR stops it at the timeout), so an expired lease means a lost event, not a live run.
-        return self.job_timeout_minutes * 60 + 900
-
-    def job_arguments(self, manifest_uri: str) -> list:
+    def job_arguments(self) -> list:
+        """The whole job: it lists images/ and diffs it with results/ itself; no list of keys is passed."""
         return [
             "--input", f"s3://{self.bucket}/{self.images_prefix}",
             "--output", f"s3://{self.bucket}/{self.results_prefix}",
-            "--manifest", manifest_uri,
             "--weights", self.weights_uri,
             "--variance", str(self.pca_variance),
         ]  # fmt: skip
@@ -156,11 +153,12 @@ def load(environ: Mapping[str, str] = os.environ) -> Settings:
         engine=engine,
         images_prefix=_prefix("IMAGES_PREFIX", raw["IMAGES_PREFIX"]),
         results_prefix=_prefix("RESULTS_PREFIX", raw["RESULTS_PREFIX"]),
-        manifests_prefix=_prefix("MANIFESTS_PREFIX", raw["MANIFESTS_PREFIX"]),
         artifacts_prefix=_prefix("ARTIFACTS_PREFIX", raw["ARTIFACTS_PREFIX"]),
         logs_prefix=_prefix("LOGS_PREFIX", raw["LOGS_PREFIX"]),
         queue_url=raw["QUEUE_URL"],
         quiet_seconds=quiet,
+        max_wait_seconds=_int("MAX_WAIT_SECONDS", raw["MAX_WAIT_SECONDS"], 60),
+        retry_base_seconds=_int("RETRY_BASE_SECONDS", raw["RETRY_BASE_SECONDS"], 0),
         dead_letter_queue_url=raw["DEAD_LETTER_QUEUE_URL"],
         alert_topic_arn=raw["ALERT_TOPIC_ARN"],
         max_attempts=_int("MAX_ATTEMPTS", raw["MAX_ATTEMPTS"], 1),

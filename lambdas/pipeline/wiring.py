@@ -5,13 +5,12 @@ from __future__ import annotations
 import boto3
 from botocore.config import Config
 
-from pipeline.coordinator import Pipeline
+from pipeline.control import Pipeline
 from pipeline.launchers import make_launcher
-from pipeline.lock import RunLock
-from pipeline.manifests import ManifestStore
 from pipeline.settings import Settings
+from pipeline.state import PipelineState
 
-# Throttling on StartJobRun is retried by the SDK first, then surfaces as a partial batch failure.
+# Throttling on StartJobRun is retried by the SDK first; an unconfirmed start is retried with the same token.
 CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=5, read_timeout=20)
 
 
@@ -20,8 +19,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
     engine_client = client("emr-serverless") if settings.engine == "serverless" else client("emr")
     return Pipeline(
         settings=settings,
-        manifests=ManifestStore(client("s3"), settings.bucket, settings.manifests_prefix),
-        lock=RunLock(client("dynamodb"), settings.table_name),
+        state=PipelineState(client("dynamodb"), settings.table_name),
         launcher=make_launcher(settings, emr_serverless=engine_client, emr=engine_client),
         sqs=client("sqs"),
         sns=client("sns"),

@@ -6,7 +6,7 @@ import pytest
 @pytest.fixture(scope="session")
 def spark():
     os.environ["SPARK_MASTER"] = "local[2]"
-    from emr_job.main import spark_session
+    from emr_job.session import spark_session
 
     session = spark_session()
     yield session
@@ -25,3 +25,14 @@ def weights_file(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("weights") / "mobilenet_v2_test.weights.h5")
     net.save_weights(path)
     return path
+
+
+@pytest.fixture
+def job(spark):
+    """Run the job in-process on the test session: job(input, output, **JobConfig fields) -> report."""
+    from emr_job.job import JobConfig, run
+
+    def go(src, out, fail_at=None, **options):
+        return run(JobConfig(input=str(src), output=str(out), **options), session=lambda: spark, fail_at=fail_at)
+
+    return go

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import boto3
 import pytest
@@ -33,47 +32,83 @@ def job_env(**extra):
     return env
 
 
-def test_spark_submit_reads_manifest_images_from_s3(s3_server, tmp_path, weights_file):
-    # Given images and weights in a bucket, and a run manifest adding all but one and removing one
+def submit(dist: list, args: list, cwd, env) -> subprocess.CompletedProcess:
+    cmd = [f"{BIN}/spark-submit", "--master", "local[2]", "--py-files", dist[0], dist[1], *args]
+    return subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True)
+
+
+def test_spark_submit_reads_and_writes_s3_and_converges_on_what_the_bucket_holds(s3_server, tmp_path, weights_file):
+    # Given a versioned bucket with images (one broken) and weights, as the stack has
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="photos", CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
-    local = make_tree(str(tmp_path / "src"), labels=("Apple Braeburn", "Kiwi"), per_label=3)
-    uris = []
-    for path in local:
+    s3.put_bucket_versioning(Bucket="photos", VersioningConfiguration={"Status": "Enabled"})
+    keys = []
+    for path in make_tree(str(tmp_path / "src"), labels=("Apple Braeburn", "Kiwi"), per_label=3):
         key = "images/" + os.path.relpath(path, tmp_path / "src")
         s3.upload_file(path, "photos", key)
-        uris.append(f"s3://photos/{key}")
+        keys.append(key)
     s3.put_object(Bucket="photos", Key="images/Kiwi/broken.jpg", Body=encoded(rgb(1), "JPEG")[:200])
-    s3.upload_file(weights_file, "photos", "artifacts/weights.weights.h5")
-    manifest = {
-        "run_id": "run-0001",
-        "added": uris + ["s3://photos/images/Kiwi/broken.jpg", "s3://photos/images/Kiwi/gone.jpg"],
-    }
-    s3.put_object(Bucket="photos", Key="manifests/run-0001.json", Body=json.dumps(manifest))
+    s3.upload_file(weights_file, "photos", "artifacts/model/weights.weights.h5")
     dist = build(str(tmp_path / "dist"))[:2]
-    out = str(tmp_path / "out")
+    args = ["--input", "s3://photos/images/", "--output", "s3://photos/results/",
+            "--weights", "s3://photos/artifacts/model/weights.weights.h5", "--k", "2"]  # fmt: skip
+    env = job_env(AWS_ENDPOINT_URL=s3_server)
 
     # When the packaged entry file is submitted as EMR does
-    cmd = [f"{BIN}/spark-submit", "--master", "local[2]", "--py-files", dist[0], dist[1]]
-    args = ["--input", "s3://photos/images/", "--output", out, "--manifest", "s3://photos/manifests/run-0001.json"]
-    args += ["--weights", "s3://photos/artifacts/weights.weights.h5", "--k", "2"]
-    proc = subprocess.run(
-        cmd + args, cwd=str(tmp_path), env=job_env(AWS_ENDPOINT_URL=s3_server), capture_output=True, text=True
-    )
+    proc = submit(dist, args, tmp_path, env)
 
-    # Then executors fetched every object by key; the broken one is a failure; the missing one is gone
+    # Then executors read every image from S3 and the results are committed to S3
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rpt = json.loads(Path(out, "report.json").read_text())
-    assert (rpt["images_ok"], rpt["images_failed"], rpt["images_removed"]) == (6, 1, 1)
-    assert rpt["run_id"] == "run-0001" and rpt["weights"].startswith("s3://photos/artifacts/weights.weights.h5")
+    rpt = json.loads(s3.get_object(Bucket="photos", Key="results/report.json")["Body"].read())
+    assert (rpt["images_ok"], rpt["images_failed"]) == (6, 1)
+    assert rpt["weights"].startswith("s3://photos/artifacts/model/weights.weights.h5")
     assert "images: 7 total, 6 ok, 1 failed" in proc.stdout
-    import pyarrow.parquet as pq
+    os.environ["AWS_ENDPOINT_URL"] = s3_server
+    try:
+        from tests.job.results import rows
 
-    rows = pq.read_table(f"{out}/features").to_pylist()
-    assert sorted(r["path"] for r in rows) == sorted(uris)
-    assert {r["label"] for r in rows} == {"Apple Braeburn", "Kiwi"}
-    assert all(r["version"] and len(r["version"]) == 32 for r in rows)  # S3 ETags, for the next run
-    assert pq.read_table(f"{out}/failures").to_pylist()[0]["path"] == "s3://photos/images/Kiwi/broken.jpg"
+        features = rows("s3://photos/results", "features")
+        assert sorted(features) == sorted(f"s3://photos/{k}" for k in keys)
+        assert {r["label"] for r in features.values()} == {"Apple Braeburn", "Kiwi"}
+        assert all(len(r["version"]) == 32 for r in features.values())  # S3 ETags, for the next run
+        assert list(rows("s3://photos/results", "failures")) == ["s3://photos/images/Kiwi/broken.jpg"]
+
+        # When an old version of an image is deleted (ObjectRemoved, but the image is still there), one image
+        # is erased, and the job runs again
+        s3.put_object(Bucket="photos", Key=keys[0], Body=(tmp_path / "src" / keys[0][7:]).read_bytes())
+        versions = s3.list_object_versions(Bucket="photos", Prefix=keys[0])["Versions"]
+        old = [v["VersionId"] for v in versions if not v["IsLatest"]][0]
+        s3.delete_object(Bucket="photos", Key=keys[0], VersionId=old)
+        s3.delete_object(Bucket="photos", Key=keys[1])
+        again = submit(dist, args, tmp_path, env)
+
+        # Then the live image keeps its row (same content, same ETag) and the erased one is gone
+        assert again.returncode == 0, again.stderr[-3000:]
+        features = rows("s3://photos/results", "features")
+        assert f"s3://photos/{keys[0]}" in features and f"s3://photos/{keys[1]}" not in features
+        assert len(features) == 5 and len(rows("s3://photos/results", "pca")) == 5
+    finally:
+        del os.environ["AWS_ENDPOINT_URL"]
+
+
+def test_unchanged_input_loads_no_tensorflow(tmp_path):
+    # Given published results
+    src, out = str(tmp_path / "in"), str(tmp_path / "out")
+    make_tree(src, labels=("a", "b"), per_label=2)
+    cmd = [sys.executable, "-m", "emr_job", "--input", src, "--output", out, "--k", "2"]
+    assert subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True).returncode == 0
+
+    # When the job runs again with nothing changed, and TensorFlow (and Spark) cannot even be imported
+    blocker = tmp_path / "blocked"
+    for name in ("tensorflow", "pyspark"):
+        (blocker / name).mkdir(parents=True)
+        (blocker / name / "__init__.py").write_text(f"raise ImportError('{name} must not load')")
+    env = job_env(PYTHONPATH=f"{blocker}{os.pathsep}{ROOT}")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+
+    # Then it succeeds at once, says nothing changed, and publishes nothing new
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "nothing changed under the input" in proc.stdout
 
 
 def test_cli_imagenet_without_network_fails_clearly(tmp_path):

@@ -1,4 +1,4 @@
-"""The job on a real local SparkSession: contract, model and PCA equivalence, incremental runs, atomicity."""
+"""The job on a real local SparkSession: contract, model and PCA equivalence, incremental runs, commits under faults."""
 
 import json
 import os
@@ -9,19 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emr_job.job import JobConfig, run
+from emr_job import job as job_module
 from emr_job.pca import PcaError
+from emr_job.store import CommitError
 from tests.job.images import bomb_png, encoded, every_mode, exif_rotated_jpeg, make_tree, rgb, write
+from tests.job.results import files_holding, published, rows
 
 
-def read(spark, out, name):
-    return {r.path: r for r in spark.read.parquet(os.path.join(out, name)).collect()}
-
-
-def test_real_world_tree_is_fully_accounted_for(spark, tmp_path, weights_file):
+def test_real_world_tree_is_fully_accounted_for(job, tmp_path, weights_file):
     # Given labels with spaces and accents, every mode and format, upper-case extensions and broken files
-    src, out = str(tmp_path / "in"), str(tmp_path / "out")
-    make_tree(src, labels=("Apple Braeburn", "Pêche"), per_label=2)
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(str(src), labels=("Apple Braeburn", "Pêche"), per_label=2)
     for mode, img in every_mode().items():
         fmt = {"CMYK": "JPEG", "I;16": "PNG"}.get(mode, "PNG")
         write(f"{src}/Modes/{mode.replace(';', '')}.{'jpg' if fmt == 'JPEG' else 'png'}", encoded(img, fmt))
@@ -40,69 +38,69 @@ def test_real_world_tree_is_fully_accounted_for(spark, tmp_path, weights_file):
     write(f"{src}/Apple Braeburn/README.txt", b"ignored: not an image")
 
     # When the job runs
-    rpt = run(spark, JobConfig(input=src, output=out, weights=weights_file, k=3))
+    rpt = job(src, out, weights=weights_file, k=3)
 
     # Then every image is in features or failures, with a reason for each failure
-    features, failures, pca = read(spark, out, "features"), read(spark, out, "failures"), read(spark, out, "pca")
+    features, failures, pca = rows(out, "features"), rows(out, "failures"), rows(out, "pca")
     expected_ok = 4 + 6 + 6
     assert (rpt["images_total"], rpt["images_ok"], rpt["images_failed"]) == (expected_ok + 5, expected_ok, 5)
     assert rpt["files_ignored"] == 1
-    assert set(failures) == {os.path.abspath(p) for p in broken}
-    reasons = {os.path.basename(p): r.reason for p, r in failures.items()}
+    assert set(failures) == set(broken)
+    reasons = {os.path.basename(p): r["reason"] for p, r in failures.items()}
     assert reasons["empty.jpg"].startswith("empty file")
     assert reasons["truncated.jpg"].startswith("undecodable")
     assert reasons["notes.png"] == "not a recognised image format"
     assert reasons["bomb.png"].startswith("decompression bomb")
     assert "label" in reasons["orphan.jpg"]
-    assert {r.label for r in features.values()} == {"Apple Braeburn", "Pêche", "Modes", "Formats"}
-    assert all(len(r.features) == 1280 for r in features.values())
-    assert set(pca) == set(features) and all(len(r.pca) == 3 for r in pca.values())
+    assert {r["label"] for r in features.values()} == {"Apple Braeburn", "Pêche", "Modes", "Formats"}
+    assert all(len(r["features"]) == 1280 for r in features.values())
+    assert set(pca) == set(features) and all(len(r["pca"]) == 3 for r in pca.values())
     on_disk = json.loads(Path(out, "report.json").read_text())
     for key in ("images_total", "images_ok", "images_failed", "k", "explained_variance_ratio", "weights", "timings_s"):
         assert key in on_disk
     assert on_disk["k"] == 3 and "sha256" in on_disk["weights"]
-    for plot in ("explained_variance.png", "pca_scatter.png"):
-        assert Image.open(f"{out}/{plot}").size[0] > 300
-    assert not os.path.exists(f"{out}/_staging")
+    for plot in on_disk["plots"]:
+        assert Image.open(out / plot).size[0] > 300
+    assert published(out)["runs"] == {name: rpt["run_id"] for name in ("features", "pca", "failures")}
 
 
-def test_features_equal_mobilenet_applied_directly(spark, tmp_path, weights_file):
+def test_features_equal_mobilenet_applied_directly(job, tmp_path, weights_file):
     import tensorflow as tf
 
     from emr_job.model import build_network
 
-    # Given a few JPEGs of different sizes
-    src, out = str(tmp_path / "in"), str(tmp_path / "out")
+    # Given a few images of different sizes
+    src, out = tmp_path / "in", tmp_path / "out"
     paths = [write(f"{src}/a/{i}.png", encoded(rgb(i, size=(50 + 30 * i, 80)), "PNG")) for i in range(3)]
 
     # When the job featurizes them
-    run(spark, JobConfig(input=src, output=out, weights=weights_file, k=2))
+    job(src, out, weights=weights_file, k=2)
 
     # Then the features are MobileNetV2 with those weights on the resized, preprocessed image
     net = build_network()
     net.load_weights(weights_file)
     batch = np.stack([np.asarray(Image.open(p).convert("RGB").resize((224, 224), Image.BILINEAR)) for p in paths])
     expected = net.predict(tf.keras.applications.mobilenet_v2.preprocess_input(batch.astype("float32")), verbose=0)
-    got = read(spark, out, "features")
+    got = rows(out, "features")
     for path, want in zip(paths, expected):
-        np.testing.assert_allclose(got[os.path.abspath(path)].features, want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[path]["features"], want, rtol=1e-4, atol=1e-5)
 
 
-def test_pca_matches_sklearn(spark, tmp_path, weights_file):
+def test_pca_matches_sklearn(job, tmp_path, weights_file):
     from sklearn.decomposition import PCA
 
-    src, out = str(tmp_path / "in"), str(tmp_path / "out")
-    make_tree(src, labels=("a", "b", "c", "d"), per_label=6)
-    rpt = run(spark, JobConfig(input=src, output=out, weights=weights_file, variance=0.9))
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(str(src), labels=("a", "b", "c", "d"), per_label=6)
+    rpt = job(src, out, weights=weights_file, variance=0.9)
 
-    features = read(spark, out, "features")
+    features = rows(out, "features")
     paths = sorted(features)
-    x = np.array([features[p].features for p in paths], dtype=np.float64)
+    x = np.array([features[p]["features"] for p in paths], dtype=np.float64)
     ref = PCA(n_components=0.9, svd_solver="full").fit(x)
     assert rpt["k"] == ref.n_components_
     np.testing.assert_allclose(rpt["explained_variance_ratio"], ref.explained_variance_ratio_, rtol=1e-6)
-    coords = read(spark, out, "pca")
-    got = np.array([coords[p].pca for p in paths])
+    coords = rows(out, "pca")
+    got = np.array([coords[p]["pca"] for p in paths])
     want = ref.transform(x)
     scale = np.abs(want).max()
     for j in range(ref.n_components_):  # axes are defined up to sign
@@ -110,54 +108,158 @@ def test_pca_matches_sklearn(spark, tmp_path, weights_file):
         np.testing.assert_allclose(sign * got[:, j], want[:, j], atol=1e-4 * scale)
 
 
-def test_too_few_images_for_pca_is_a_clear_message(spark, tmp_path, weights_file):
-    src, out = str(tmp_path / "in"), str(tmp_path / "out")
-    make_tree(src, labels=("only",), per_label=1)
-    rpt = run(spark, JobConfig(input=src, output=out, weights=weights_file))
+def test_too_few_images_for_pca_is_a_clear_message(job, tmp_path, weights_file):
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(str(src), labels=("only",), per_label=1)
+    rpt = job(src, out, weights=weights_file)
     assert rpt["images_ok"] == 1 and rpt["k"] is None
     assert rpt["pca_skipped"] == "PCA needs at least 2 images with features; there is 1"
 
-    make_tree(src, labels=("only",), per_label=3)
+    make_tree(str(src), labels=("only",), per_label=3)
     with pytest.raises(PcaError, match=r"--k 50 is out of range: 3 images with 1280 features allow 1..3"):
-        run(spark, JobConfig(input=src, output=out, weights=weights_file, k=50))
+        job(src, out, weights=weights_file, k=50)
 
 
-def test_incremental_rerun_and_erasure(spark, tmp_path, weights_file):
-    src, out = str(tmp_path / "in"), str(tmp_path / "out")
-    paths = make_tree(src, labels=("x", "y"), per_label=3)
-    cfg = JobConfig(input=src, output=out, weights=weights_file, k=2)
-    assert run(spark, cfg)["images_featurized"] == 6
+def test_incremental_rerun_and_erasure(job, tmp_path, weights_file):
+    src, out = tmp_path / "in", tmp_path / "out"
+    paths = make_tree(str(src), labels=("x", "y"), per_label=3)
+    assert job(src, out, weights=weights_file, k=2)["images_featurized"] == 6
 
-    # Nothing new: no model work at all
-    again = run(spark, cfg)
-    assert (again["images_featurized"], again["images_reused"], again["images_ok"]) == (0, 6, 6)
-    assert "load_weights" not in again["timings_s"]
+    # Nothing new: no model work, nothing published
+    again = job(src, out, weights=weights_file, k=2)
+    assert again["published"] is False and "featurize" not in again["timings_s"]
 
     # One new, one changed, one deleted (GDPR erasure)
     write(f"{src}/y/new.jpg", encoded(rgb(99), "JPEG"))
     write(paths[0], encoded(rgb(98), "JPEG"))
     os.utime(paths[0], ns=(1, 1))
     os.remove(paths[1])
-    rpt = run(spark, cfg)
+    rpt = job(src, out, weights=weights_file, k=2)
     assert (rpt["images_featurized"], rpt["images_removed"], rpt["images_ok"]) == (2, 1, 6)
     for name in ("features", "pca"):
-        assert os.path.abspath(paths[1]) not in read(spark, out, name)
-        assert os.path.abspath(f"{src}/y/new.jpg") in read(spark, out, name)
+        assert paths[1] not in rows(out, name) and f"{src}/y/new.jpg" in rows(out, name)
+    assert len(rows(out, "features")) == 6  # the changed image's old row is gone, not duplicated
 
     # Other weights: everything is recomputed rather than mixing two models' features
-    assert run(spark, JobConfig(input=src, output=out, weights="random", k=2))["images_featurized"] == 6
+    other = job(src, out, weights="random", k=2)
+    assert (other["images_featurized"], other["images_recomputed_for_new_weights"]) == (6, 6)
+    assert {r["weights"] for r in rows(out, "features").values()} == {"random-seed0"}
 
 
-def test_failed_run_leaves_previous_results(spark, tmp_path, weights_file):
-    src, out = str(tmp_path / "in"), str(tmp_path / "out")
-    make_tree(src, labels=("x",), per_label=3)
-    run(spark, JobConfig(input=src, output=out, weights=weights_file, k=2))
+def test_deleting_every_image_empties_features_and_pca(job, tmp_path):
+    # Given published results
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(str(src), labels=("x",), per_label=3)
+    write(f"{src}/x/broken.jpg", b"")
+    job(src, out, k=2)
+
+    # When every image is deleted
+    shutil.rmtree(src / "x")
+    rpt = job(src, out, k=2)
+
+    # Then the run succeeds with empty tables and says why there is no PCA
+    assert (rpt["images_total"], rpt["images_removed"]) == (0, 4)
+    assert rows(out, "features") == rows(out, "pca") == rows(out, "failures") == {}
+    assert rpt["pca_skipped"].startswith("PCA needs at least 2 images")
+
+
+COMMIT_STEPS = ["start", "featurized", "features", "pca", "failures", "publish", "published"]
+
+
+@pytest.mark.parametrize("step", COMMIT_STEPS)
+def test_a_crash_at_any_commit_step_leaves_one_runs_results_and_the_next_run_completes(job, tmp_path, step):
+    # Given published results, then an image added, one changed and one deleted
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(str(src), labels=("x", "y"), per_label=3)
+    first = job(src, out, k=2)
+    before = rows(out, "features")
+    write(f"{src}/y/new.jpg", encoded(rgb(77), "JPEG"))
+    write(str(src / "x" / "0.jpg"), encoded(rgb(76), "JPEG"))
+    os.utime(src / "x" / "0.jpg", ns=(5, 5))
+    os.remove(src / "x" / "1.jpg")
+
+    # When the run crashes at this step
+    with pytest.raises(RuntimeError, match=f"injected failure at step '{step}'"):
+        job(src, out, k=2, fail_at=step)
+
+    # Then readers see the tables and report of exactly one run: the previous one, or (past the swap) the new one
+    state = published(out)
+    assert set(state["runs"].values()) == {state["report"]["run_id"]}
+    if step == "published":
+        assert state["report"]["run_id"] != first["run_id"] and len(rows(out, "features")) == 6
+    else:
+        assert state["report"]["run_id"] == first["run_id"]
+        assert rows(out, "features").keys() == before.keys()
+        assert rows(out, "features")[f"{src}/x/0.jpg"]["version"] == before[f"{src}/x/0.jpg"]["version"]
+
+    # And the next run completes the work
+    rpt = job(src, out, k=2)
+    features = rows(out, "features")
+    assert set(features) == {str(p) for p in src.rglob("*.jpg")} == set(rows(out, "pca"))
+    assert features[f"{src}/x/0.jpg"]["version"] == f"{(src / 'x' / '0.jpg').stat().st_size}:5"
+    assert len(features) == 6 and set(published(out)["runs"].values()) == {published(out)["report"]["run_id"]}
+    assert rpt["images_ok"] == 6
+
+
+def test_a_run_that_loses_the_swap_publishes_nothing(job, tmp_path, monkeypatch):
+    # Given published results and a change, and a second run that publishes while the first is at its swap
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(str(src), labels=("x",), per_label=3)
+    job(src, out, k=2)
+    write(f"{src}/x/late.jpg", encoded(rgb(60), "JPEG"))
+    real_step, winner = job_module._step, {}
+
+    def other_run_first(fail_at, name):
+        if name == "publish" and not winner:
+            winner["report"] = None  # the other run must not recurse into this hook
+            winner["report"] = job(src, out, k=2)
+        real_step(fail_at, name)
+
+    monkeypatch.setattr(job_module, "_step", other_run_first)
+
+    # When the first run tries to publish
+    with pytest.raises(CommitError, match="another run published results meanwhile"):
+        job(src, out, k=2)
+
+    # Then the results are the other run's, whole
+    state = published(out)
+    assert state["report"]["run_id"] == winner["report"]["run_id"]
+    assert set(state["runs"].values()) == {winner["report"]["run_id"]}
+    assert len(rows(out, "features")) == 4
+
+
+def test_erased_image_leaves_every_file_of_the_results(job, tmp_path, monkeypatch):
+    # Given an image whose features were published, then erased
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(str(src), labels=("x", "y"), per_label=3)
+    victim = str(src / "y" / "2.jpg")
+    job(src, out, k=2)
+    os.remove(victim)
+    now = [job_module.CLOCK()]
+    monkeypatch.setattr(job_module, "CLOCK", lambda: now[0])
+
+    # When the next run drops it: gone from every table at once, still masked inside a data file
+    job(src, out, k=2)
+    assert victim not in rows(out, "features") and victim not in rows(out, "pca")
+    assert files_holding(out, victim)  # masked by a position delete until compaction
+
+    # And later runs (a day on, as the daily reconciliation does) compact, expire and remove old files
+    now[0] += 13 * 3600
+    compacted = job(src, out, k=2, keep_snapshots_hours=0)
+    assert compacted["maintenance"]["compacted_at"]
+    assert files_holding(out, victim) == []
+    assert len(rows(out, "features")) == 5
+
+
+def test_a_failed_run_leaves_previous_results(job, tmp_path, weights_file):
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(str(src), labels=("x",), per_label=3)
+    job(src, out, weights=weights_file, k=2)
     before = Path(out, "report.json").read_text()
 
     write(f"{src}/x/late.jpg", encoded(rgb(50), "JPEG"))
     with pytest.raises(PcaError):  # fails after featurizing and staging, before publishing
-        run(spark, JobConfig(input=src, output=out, weights=weights_file, k=40))
+        job(src, out, weights=weights_file, k=40)
 
     assert Path(out, "report.json").read_text() == before
-    assert len(read(spark, out, "features")) == 3 and len(read(spark, out, "pca")) == 3
-    shutil.rmtree(f"{src}/x")
+    assert len(rows(out, "features")) == 3 and len(rows(out, "pca")) == 3

@@ -7,7 +7,7 @@ from urllib.parse import quote_plus
 import pytest
 from moto import mock_aws
 
-from tests.lambdas.stack import BUCKET, REGION, create_stack, job_runs  # noqa: F401  (tests import it here)
+from tests.lambdas.stack import BUCKET, REGION, create_stack, job_runs, set_job_state  # noqa: F401  (tests import here)
 
 
 @pytest.fixture
@@ -47,7 +47,9 @@ def next_sequencer() -> str:
     return f"{_seq[0]:X}"
 
 
-def s3_record(key: str, action: str = "ObjectCreated:Put", bucket: str = BUCKET, sequencer: str = "") -> dict:
+def s3_record(
+    key: str, action: str = "ObjectCreated:Put", bucket: str = BUCKET, sequencer: str = "", at: float = None
+) -> dict:
     obj = {"key": quote_plus(key, safe="/"), "sequencer": sequencer or next_sequencer()}
     if action.startswith("ObjectCreated"):
         obj.update(size=1024, eTag="d41d8cd98f00b204e9800998ecf8427e")
@@ -55,7 +57,7 @@ def s3_record(key: str, action: str = "ObjectCreated:Put", bucket: str = BUCKET,
         "eventVersion": "2.1",
         "eventSource": "aws:s3",
         "awsRegion": REGION,
-        "eventTime": "2026-11-24T10:00:00.000Z",
+        "eventTime": iso(time.time() if at is None else at),
         "eventName": action,
         "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"}, "object": obj},
     }
@@ -80,14 +82,14 @@ def sqs_event(bodies: list) -> dict:
     }
 
 
-def eventbridge_s3(key: str, detail_type: str = "Object Created", bucket: str = BUCKET) -> dict:
+def eventbridge_s3(key: str, detail_type: str = "Object Created", bucket: str = BUCKET, at: float = None) -> dict:
     return {
         "version": "0",
         "id": "17793124-05d4-b198-2fde-7ededc63b103",
         "detail-type": detail_type,
         "source": "aws.s3",
         "account": "123456789012",
-        "time": "2026-11-24T10:00:00Z",
+        "time": iso(time.time() if at is None else at)[:19] + "Z",
         "region": REGION,
         "resources": [f"arn:aws:s3:::{bucket}"],
         "detail": {
@@ -130,14 +132,28 @@ def serverless_state(job_run_id: str, app_id: str, state: str) -> dict:
     }
 
 
-def run_manifest(aws, run_name: str) -> dict:
-    body = aws.s3.get_object(Bucket=BUCKET, Key=f"manifests/runs/{run_name}.json")["Body"].read()
-    return json.loads(body)
+def iso(epoch: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def pending_keys(aws) -> list:
-    listed = aws.s3.list_objects_v2(Bucket=BUCKET, Prefix="manifests/pending/")
-    return [o["Key"] for o in listed.get("Contents", [])]
+def state_item(aws) -> dict:
+    """The pipeline's one DynamoDB item, as stored."""
+    return aws.ddb.get_item(TableName="runs", Key={"id": {"S": "pipeline"}}).get("Item", {})
+
+
+class Clock:
+    """A clock the tests move; the functions read it through PipelineState.clock."""
+
+    def __init__(self, start: float):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def metrics_out(text: str) -> dict:
@@ -151,3 +167,21 @@ def metrics_out(text: str) -> dict:
             value = doc[spec["Name"]]
             totals[spec["Name"]] = totals.get(spec["Name"], 0) + (sum(value) if isinstance(value, list) else value)
     return totals
+
+
+@pytest.fixture
+def clock(aws, trigger, job_state):
+    """One clock for both functions, starting now; events made with at=clock.now happen 'now'."""
+    shared = Clock(time.time())
+    for module in (trigger, job_state):
+        module.PIPELINE.state.clock = shared
+    return shared
+
+
+def tune(aws, module, **fields) -> None:
+    """Run a handler module with other settings, as if template.yaml gave it other values."""
+    import dataclasses
+
+    tuned = dataclasses.replace(module.SETTINGS, **fields)
+    aws.monkeypatch.setattr(module, "SETTINGS", tuned)
+    aws.monkeypatch.setattr(module.PIPELINE, "settings", tuned)

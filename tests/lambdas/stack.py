@@ -42,6 +42,8 @@ def create_stack() -> SimpleNamespace:
         "EMR_SERVICE_ROLE": "arn:aws:iam::123456789012:role/emr-service",
         "EMR_INSTANCE_PROFILE": "emr-instance-profile",
         "MAX_ATTEMPTS": "2",
+        "RETRY_BASE_SECONDS": "300",
+        "MAX_WAIT_SECONDS": "900",
         "POWERTOOLS_SERVICE_NAME": "image-features",
         "POWERTOOLS_METRICS_NAMESPACE": "ImageFeatures",
         "POWERTOOLS_TRACE_DISABLED": "true",
@@ -59,3 +61,15 @@ def job_runs(stack) -> list:
         return stack.emrs.list_job_runs(applicationId=stack.app_id)["jobRuns"]
     except stack.emrs.exceptions.ResourceNotFoundException:  # moto: an application without runs yet
         return []
+
+
+def set_job_state(stack, job_id: str, state: str) -> None:
+    """What EMR would report for a job run: moto reports SUCCESS for every run, so tests set the state."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.emrserverless.models import emrserverless_backends
+
+    for run in emrserverless_backends[DEFAULT_ACCOUNT_ID][REGION].job_runs[stack.app_id]:
+        if run.id == job_id:
+            run.state = state
+            return
+    raise KeyError(job_id)

@@ -1,18 +1,20 @@
-"""Job-state function against moto: success, failure with retries and alerts, duplicates, EMR on EC2."""
+"""Job-state function against moto: settling once, retries with backoff, alerts, the schedule's repairs, EC2."""
 
 import json
+import time
 
 import pytest
+from botocore.exceptions import ClientError
 
 from tests.lambdas.conftest import (
-    BUCKET,
+    Clock,
     job_runs,
     load,
-    pending_keys,
-    run_manifest,
     s3_record,
     serverless_state,
+    set_job_state,
     sqs_event,
+    state_item,
 )
 
 
@@ -21,60 +23,178 @@ def alerts(aws) -> list:
     return [json.loads(m["Body"]) for m in got]
 
 
-def test_success_releases_the_lock_and_clears_pending(aws, trigger, job_state, lambda_context):
-    trigger.lambda_handler(sqs_event([{"Records": [s3_record("images/A/1.jpg")]}]), lambda_context)
-    job = job_runs(aws)[0]
-
-    result = job_state.lambda_handler(serverless_state(job["id"], aws.app_id, "SUCCESS"), lambda_context)
-
-    assert result == {"settled": job["name"], "succeeded": True, "next_run": None}
-    assert job_state.PIPELINE.lock.active() is None and pending_keys(aws) == []
-    # A duplicate of the same event (EventBridge is at least once) changes nothing
-    again = job_state.lambda_handler(serverless_state(job["id"], aws.app_id, "SUCCESS"), lambda_context)
-    assert again == {"settled": None, "next_run": None}
+def upload(trigger, clock, lambda_context, name="images/A/1.jpg") -> dict:
+    return trigger.lambda_handler(sqs_event([{"Records": [s3_record(name, at=clock.now - 120)]}]), lambda_context)
 
 
-def test_running_state_is_not_an_end(aws, trigger, job_state, lambda_context):
-    trigger.lambda_handler(sqs_event([{"Records": [s3_record("images/A/1.jpg")]}]), lambda_context)
-    job = job_runs(aws)[0]
-    assert job_state.lambda_handler(serverless_state(job["id"], aws.app_id, "RUNNING"), lambda_context) == {
-        "settled": None
-    }
-    assert job_state.PIPELINE.lock.active().job_id == job["id"]
+def active_job(aws) -> str:
+    return state_item(aws)["run"]["M"]["job_id"]["S"]
 
 
-def test_failure_retries_then_gives_up_and_alerts(aws, trigger, job_state, lambda_context):
-    trigger.lambda_handler(sqs_event([{"Records": [s3_record("images/A/1.jpg")]}]), lambda_context)
-    first = job_runs(aws)[0]
+def test_success_settles_once_and_changes_during_the_run_start_the_next(aws, trigger, job_state, clock,
+                                                                        lambda_context):  # fmt: skip
+    # Given a run started, and one more upload while it ran
+    upload(trigger, clock, lambda_context)
+    first = active_job(aws)
+    clock.advance(300)
+    upload(trigger, clock, lambda_context, "images/A/2.jpg")  # happened after the run's claim: not covered
 
-    # First failure (MAX_ATTEMPTS=2): kept pending with its attempt counted, retried at once as a new run
-    result = job_state.lambda_handler(serverless_state(first["id"], aws.app_id, "FAILED"), lambda_context)
-    assert result["succeeded"] is False and result["next_run"] and result["next_run"] != first["name"]
-    assert run_manifest(aws, result["next_run"])["attempt"] == 2
+    # When EMR reports success, twice (EventBridge is at least once)
+    result = job_state.lambda_handler(serverless_state(first, aws.app_id, "SUCCESS"), lambda_context)
+    again = job_state.lambda_handler(serverless_state(first, aws.app_id, "SUCCESS"), lambda_context)
+
+    # Then it is settled once, and the next run starts for what came in during the first
+    assert result["succeeded"] is True and result["next"] == "started"
+    assert again == {"settled": None, "next": "active"}
+    assert len(job_runs(aws)) == 2 and active_job(aws) != first
+    assert state_item(aws)["last_run"]["M"]["state"]["S"] == "SUCCESS"
+
+
+def test_a_running_state_is_not_an_end(aws, trigger, job_state, clock, lambda_context):
+    upload(trigger, clock, lambda_context)
+    job = active_job(aws)
+    assert job_state.lambda_handler(serverless_state(job, aws.app_id, "RUNNING"), lambda_context) == {"settled": None}
+    assert active_job(aws) == job
+
+
+def test_failures_count_once_back_off_then_give_up_with_an_alert(aws, trigger, job_state, clock, lambda_context):
+    # Given a run that fails (MAX_ATTEMPTS=2, RETRY_BASE_SECONDS=300)
+    upload(trigger, clock, lambda_context)
+    first = active_job(aws)
+    failed = serverless_state(first, aws.app_id, "FAILED")
+    failed["detail"]["stateDetails"] = "Job failed: OutOfMemoryError"
+
+    # When the failure is delivered, and delivered again (a Lambda retry)
+    job_state.lambda_handler(failed, lambda_context)
+    job_state.lambda_handler(failed, lambda_context)
+
+    # Then it counts once, alerts once, and the retry waits for its backoff
+    item = state_item(aws)
+    assert item["failures"]["N"] == "1" and "run" not in item
     [alert] = alerts(aws)
-    assert alert["state"] == "FAILED" and alert["abandoned_manifests"] == [] and "will retry" in alert["summary"]
+    assert alert["state"] == "FAILED" and "OutOfMemoryError" in alert["detail"] and "retrying in 5" in alert["detail"]
+    assert job_state.lambda_handler({"action": "reconcile"}, lambda_context)["next"] == "backoff"
 
-    # Second failure: given up, moved to failed/, alerted, nothing more started
-    second = next(r for r in job_runs(aws) if r["name"] == result["next_run"])
-    result = job_state.lambda_handler(serverless_state(second["id"], aws.app_id, "FAILED"), lambda_context)
-    assert result["next_run"] is None and pending_keys(aws) == []
-    failed = aws.s3.list_objects_v2(Bucket=BUCKET, Prefix="manifests/failed/")["Contents"]
-    assert len(failed) == 1
+    # When the backoff has passed, the schedule starts attempt 2; it fails too
+    clock.advance(301)
+    assert job_state.lambda_handler({"action": "reconcile"}, lambda_context)["next"] == "started"
+    second = active_job(aws)
+    assert state_item(aws)["run"]["M"]["attempt"]["N"] == "2"
+    job_state.lambda_handler(serverless_state(second, aws.app_id, "FAILED"), lambda_context)
+
+    # Then it gives up and says so: no more automatic runs, however long we wait
     [alert] = alerts(aws)
-    assert alert["abandoned_manifests"] and "gave up" in alert["summary"]
-    assert job_state.PIPELINE.lock.active() is None
+    assert "no more automatic runs until a new change or the daily reconciliation" in alert["detail"]
+    clock.advance(86400)
+    assert job_state.lambda_handler({"action": "reconcile"}, lambda_context)["next"] == "given-up"
+    assert len(job_runs(aws)) == 2
+
+    # Until a new change (or the daily reconciliation) gives it one more attempt
+    upload(trigger, clock, lambda_context, "images/A/fixed.jpg")
+    assert len(job_runs(aws)) == 3
+
+
+def test_a_failed_alert_publish_is_kept_and_sent_later(aws, trigger, job_state, clock, lambda_context):
+    upload(trigger, clock, lambda_context)
+    job = active_job(aws)
+    real_publish = job_state.PIPELINE.sns.publish
+
+    def sns_down(**kwargs):
+        raise ClientError({"Error": {"Code": "InternalError", "Message": "down"}}, "Publish")
+
+    aws.monkeypatch.setattr(job_state.PIPELINE.sns, "publish", sns_down)
+    job_state.lambda_handler(serverless_state(job, aws.app_id, "FAILED"), lambda_context)
+    assert alerts(aws) == [] and state_item(aws)["alert"]["M"]["state"]["S"] == "FAILED"
+    assert state_item(aws)["failures"]["N"] == "1"
+
+    aws.monkeypatch.setattr(job_state.PIPELINE.sns, "publish", real_publish)
+    job_state.lambda_handler({"action": "reconcile"}, lambda_context)
+    [alert] = alerts(aws)
+    assert alert["run_id"] and "alert" not in state_item(aws)
+    assert state_item(aws)["failures"]["N"] == "1"  # still counted once
+
+
+@pytest.mark.parametrize("ended", ["SUCCESS", "FAILED"])
+def test_a_lost_end_event_is_settled_by_the_schedule_asking_emr(aws, trigger, job_state, clock, lambda_context, ended):
+    # Given a run whose end state change never reaches the function (EMR Serverless events are best effort)
+    upload(trigger, clock, lambda_context)
+    job = active_job(aws)
+    set_job_state(aws, job, "RUNNING")
+    assert job_state.lambda_handler({"action": "reconcile"}, lambda_context)["reconciled"] == "running"
+
+    # When EMR has ended it and the schedule comes round
+    set_job_state(aws, job, ended)
+    result = job_state.lambda_handler({"action": "reconcile"}, lambda_context)
+
+    # Then the run is settled from EMR's own answer
+    assert result["reconciled"] == "settled" and result["succeeded"] is (ended == "SUCCESS")
+    assert "run" not in state_item(aws)
+
+
+def test_an_end_event_before_the_job_id_is_recorded_is_settled_later(aws, trigger, job_state, clock, lambda_context):
+    # Given a start whose job id was not yet recorded when EMR's (fast) end event arrived
+    state = trigger.PIPELINE.state
+    real_record = state.record_job
+    seen = {}
+
+    def event_first(run, job_id):
+        seen["job"] = job_id
+        seen["result"] = job_state.lambda_handler(serverless_state(job_id, aws.app_id, "SUCCESS"), lambda_context)
+        real_record(run, job_id)
+
+    aws.monkeypatch.setattr(state, "record_job", event_first)
+    upload(trigger, clock, lambda_context)
+    assert seen["result"]["settled"] is None and active_job(aws) == seen["job"]
+
+    # When the schedule reconciles, EMR says the job succeeded: settled
+    assert job_state.lambda_handler({"action": "reconcile"}, lambda_context)["succeeded"] is True
+    assert "run" not in state_item(aws)
+
+
+def test_a_run_past_its_timeout_alerts_once(aws, trigger, job_state, clock, lambda_context):
+    upload(trigger, clock, lambda_context)
+    set_job_state(aws, active_job(aws), "RUNNING")
+    clock.advance(180 * 60 + 901)  # JOB_TIMEOUT_MINUTES (180) plus the slack
+    job_state.lambda_handler({"action": "reconcile"}, lambda_context)
+    job_state.lambda_handler({"action": "reconcile"}, lambda_context)
+    [alert] = alerts(aws)
+    assert "still running after" in alert["subject"]
+
+
+def test_a_refused_start_is_a_failed_attempt_with_an_alert(aws, trigger, clock, lambda_context):
+    def refused(**kwargs):
+        raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "not allowed"}}, "StartJobRun")
+
+    aws.monkeypatch.setattr(trigger.PIPELINE.launcher.client, "start_job_run", refused)
+    result = upload(trigger, clock, lambda_context)
+    assert result == {"batchItemFailures": []}
+    item = state_item(aws)
+    assert "run" not in item and item["failures"]["N"] == "1"
+    assert item["last_run"]["M"]["state"]["S"] == "START_REFUSED"
+    [alert] = alerts(aws)
+    assert "AccessDeniedException" in alert["detail"]
+
+
+def test_the_daily_reconciliation_starts_a_run_without_any_event(aws, job_state, clock, lambda_context):
+    # Images that changed without an event (lifecycle expiry, lost notification, older than the stack)
+    assert job_state.lambda_handler({"action": "reconcile"}, lambda_context)["next"] == "clean"
+    assert job_state.lambda_handler({"action": "daily"}, lambda_context)["next"] == "started"
+    assert len(job_runs(aws)) == 1
 
 
 @pytest.fixture
 def ec2(aws):
     aws.monkeypatch.setenv("ENGINE", "ec2")
     aws.monkeypatch.setenv("EC2_USE_SPOT", "true")
-    return load("trigger.app"), load("job_state.app")
+    trigger, job_state = load("trigger.app"), load("job_state.app")
+    shared = Clock(time.time())
+    trigger.PIPELINE.state.clock = job_state.PIPELINE.state.clock = shared
+    return trigger, job_state, shared
 
 
-def test_ec2_engine_runs_a_transient_cluster_with_one_step(aws, ec2, lambda_context):
-    trigger, _ = ec2
-    trigger.lambda_handler(sqs_event([{"Records": [s3_record("images/A/1.jpg")]}]), lambda_context)
+def test_ec2_engine_runs_a_transient_cluster_with_one_step_under_a_timeout(aws, ec2, lambda_context):
+    trigger, _, clock = ec2
+    upload(trigger, clock, lambda_context)
 
     [cluster] = aws.emr.list_clusters()["Clusters"]
     described = aws.emr.describe_cluster(ClusterId=cluster["Id"])["Cluster"]
@@ -83,23 +203,23 @@ def test_ec2_engine_runs_a_transient_cluster_with_one_step(aws, ec2, lambda_cont
     [step] = aws.emr.list_steps(ClusterId=cluster["Id"])["Steps"]
     assert step["ActionOnFailure"] == "TERMINATE_CLUSTER"
     args = step["Config"]["Args"]
-    assert args[:3] == ["spark-submit", "--deploy-mode", "cluster"]
-    assert args[args.index("--manifest") + 1].startswith(f"s3://{BUCKET}/manifests/runs/run-")
+    assert args[:5] == ["timeout", "180m", "spark-submit", "--deploy-mode", "cluster"]
+    assert "--manifest" not in args and args[args.index("--input") + 1] == "s3://photos-eu/images/"
     [bootstrap] = aws.emr.list_bootstrap_actions(ClusterId=cluster["Id"])["BootstrapActions"]
-    assert bootstrap["ScriptPath"] == f"s3://{BUCKET}/artifacts/job/bootstrap.sh"
+    assert bootstrap["ScriptPath"] == "s3://photos-eu/artifacts/job/bootstrap.sh"
     groups = {
         g["InstanceGroupType"]: g for g in aws.emr.list_instance_groups(ClusterId=cluster["Id"])["InstanceGroups"]
     }
     assert groups["CORE"]["Market"] == "SPOT" and groups["MASTER"]["Market"] == "ON_DEMAND"
 
     # A retried start for the same run finds the cluster instead of making a second one
-    assert trigger.PIPELINE.launcher.start(step["Name"], "s3://x/m.json") == cluster["Id"]
+    assert trigger.PIPELINE.launcher.start(step["Name"]) == cluster["Id"]
     assert len(aws.emr.list_clusters()["Clusters"]) == 1
 
 
-def test_ec2_step_and_cluster_events_settle_the_run(aws, ec2, lambda_context):
-    trigger, job_state = ec2
-    trigger.lambda_handler(sqs_event([{"Records": [s3_record("images/A/1.jpg")]}]), lambda_context)
+def test_ec2_step_and_cluster_events_settle_the_run_once(aws, ec2, lambda_context):
+    trigger, job_state, clock = ec2
+    upload(trigger, clock, lambda_context)
     cluster_id = aws.emr.list_clusters()["Clusters"][0]["Id"]
     step_event = {
         "detail-type": "EMR Step Status Change",
@@ -111,9 +231,9 @@ def test_ec2_step_and_cluster_events_settle_the_run(aws, ec2, lambda_context):
     cluster_event = {
         "detail-type": "EMR Cluster State Change",
         "source": "aws.emr",
-        "detail": {"clusterId": cluster_id, "state": "TERMINATED", "stateChangeReason": "{}"},
+        "detail": {"clusterId": cluster_id, "state": "TERMINATED_WITH_ERRORS", "stateChangeReason": "{}"},
     }
-    assert job_state.lambda_handler(cluster_event, lambda_context) == {"settled": None}
+    assert job_state.lambda_handler(cluster_event, lambda_context)["settled"] is None
 
 
 def test_missing_configuration_names_the_variable(aws):

@@ -1,5 +1,6 @@
 """The SAM stack: lint and build, and each security / GDPR property checked on the parsed template."""
 
+import json
 import os
 import re
 import subprocess
@@ -98,7 +99,7 @@ def test_sam_build_packages_both_functions(sam_env, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for function, handler in [("TriggerFunction", "trigger/app.py"), ("JobStateFunction", "job_state/app.py")]:
         assert (build / function / handler).is_file()
-        assert (build / function / "pipeline" / "coordinator.py").is_file()
+        assert (build / function / "pipeline" / "control.py").is_file()
         assert (build / function / "aws_lambda_powertools").is_dir()
 
 
@@ -160,6 +161,15 @@ def test_no_notification_loop(conditions):
                 assert not any("/images/" in t or t.endswith("Arn}/*") for t in targets), (owner, targets)
 
 
+def test_every_kind_of_change_under_images_reaches_the_queue():
+    notifications = BUCKET["NotificationConfiguration"]["QueueConfigurations"]
+    # Lifecycle expiry sends LifecycleExpiration, not ObjectRemoved (S3 user guide, lifecycle-configure-notification)
+    assert {n["Event"] for n in notifications} == {
+        "s3:ObjectCreated:*", "s3:ObjectRemoved:*", "s3:LifecycleExpiration:*",
+    }  # fmt: skip
+    assert all(n["Queue"] == {"Fn::GetAtt": ["UploadQueue", "Arn"]} for n in notifications)
+
+
 def test_region_is_eu_west_3_by_default_and_eu_only():
     config = tomllib.loads((ROOT / "samconfig.toml").read_text())
     assert {env: c["global"]["parameters"]["region"] for env, c in config.items() if env != "version"} == {
@@ -192,9 +202,7 @@ def test_runtime_role_reads_images_and_artifacts_writes_results_and_logs_only():
     reads = {arn_text(r) for s in statements if "s3:GetObject" in as_list(s["Action"]) for r in as_list(s["Resource"])}
     writes = {arn_text(r) for s in statements if "s3:PutObject" in as_list(s["Action"]) for r in as_list(s["Resource"])}
     assert writes == {"${DataBucket.Arn}/results/*", "${DataBucket.Arn}/logs/*"}
-    assert reads - writes == {
-        "${DataBucket.Arn}/images/*", "${DataBucket.Arn}/artifacts/*", "${DataBucket.Arn}/manifests/runs/*",
-    }  # fmt: skip
+    assert reads - writes == {"${DataBucket.Arn}/images/*", "${DataBucket.Arn}/artifacts/*"}
     role = RESOURCES["EmrRuntimeRole"]["Properties"]
     assert role["ManagedPolicyArns"] == [{"Ref": "JobDataPolicy"}]
     assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": "emr-serverless.amazonaws.com"}
@@ -219,13 +227,14 @@ def test_pass_role_only_on_the_job_roles_and_only_to_emr(conditions, roles, serv
 
 
 # The AWS calls each function's code makes (boto3 and Powertools), per engine.
-COMMON = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket", "dynamodb:GetItem",
-          "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "kms:Decrypt", "kms:GenerateDataKey",
-          "iam:PassRole"}  # fmt: skip
+COMMON = {"dynamodb:GetItem", "dynamodb:UpdateItem", "kms:Decrypt", "kms:GenerateDataKey", "iam:PassRole",
+          "sns:Publish", "sqs:SendMessage"}  # fmt: skip
 START = {
-    "serverless": {"emr-serverless:StartJobRun", "emr-serverless:TagResource"},
-    "ec2": {"elasticmapreduce:RunJobFlow", "elasticmapreduce:ListClusters", "elasticmapreduce:AddTags"},
-}
+    "serverless": {"emr-serverless:StartJobRun", "emr-serverless:TagResource", "emr-serverless:GetJobRun",
+                   "emr-serverless:ListJobRuns"},
+    "ec2": {"elasticmapreduce:RunJobFlow", "elasticmapreduce:ListClusters", "elasticmapreduce:AddTags",
+            "elasticmapreduce:DescribeCluster", "elasticmapreduce:ListSteps"},
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("engine", ["serverless", "ec2"])
@@ -235,8 +244,7 @@ def test_each_function_holds_only_the_actions_it_calls(engine):
     granted = {
         f: {a for s in statements[f] for a in as_list(s["Action"])} for f in ("TriggerFunction", "JobStateFunction")
     }
-    assert granted["TriggerFunction"] == COMMON | START[engine] | {"sqs:SendMessage"}
-    assert granted["JobStateFunction"] == COMMON | START[engine] | {"sns:Publish"}
+    assert granted["TriggerFunction"] == granted["JobStateFunction"] == COMMON | START[engine]
 
 
 # --- wiring ------------------------------------------------------------------------------------------
@@ -261,7 +269,8 @@ def test_queue_feeds_the_trigger_with_partial_failures_and_a_dead_letter_queue()
     source = trigger["Events"]["Uploads"]["Properties"]
     assert source["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert source["BatchSize"] == 10000 and source["MaximumBatchingWindowInSeconds"] > 0
-    assert trigger["ReservedConcurrentExecutions"] == 1
+    # Reserved concurrency would throttle the pollers and dead-letter uploads; MaximumConcurrency caps them
+    assert "ReservedConcurrentExecutions" not in trigger and source["ScalingConfig"]["MaximumConcurrency"] >= 2
     # Lambda needs visibility >= 6 x timeout for SQS sources; the window adds to it
     assert (
         queue["VisibilityTimeout"]
@@ -269,12 +278,21 @@ def test_queue_feeds_the_trigger_with_partial_failures_and_a_dead_letter_queue()
     )
 
 
-def test_job_state_function_follows_emr_state_changes():
-    events = RESOURCES["JobStateFunction"]["Properties"]["Events"]
+def test_job_state_function_follows_emr_state_changes_and_the_schedules():
+    function = RESOURCES["JobStateFunction"]["Properties"]
+    events = function["Events"]
     patterns = {name: e["Properties"]["Pattern"] for name, e in events.items() if e["Type"] == "EventBridgeRule"}
     assert patterns["ServerlessRunEnded"]["detail-type"] == ["EMR Serverless Job Run State Change"]
     assert set(patterns["ServerlessRunEnded"]["detail"]["state"]) == {"SUCCESS", "FAILED", "CANCELLED"}
     assert patterns["ClusterStepEnded"]["detail-type"] == ["EMR Step Status Change"]
+    # The schedules call the function with the actions its handler dispatches on
+    sys.path.insert(0, str(ROOT / "lambdas"))
+    schedules = {e["Properties"]["Input"] for e in events.values() if e["Type"] == "ScheduleV2"}
+    assert {json.loads(i)["action"] for i in schedules} == {"reconcile", "daily"}
+    assert events["Reconcile"]["Properties"]["ScheduleExpression"] == {"Fn::Sub": "rate(${ReconcileMinutes} minutes)"}
+    # Events it failed on, after Lambda's retries, are kept and alarmed on
+    destination = function["EventInvokeConfig"]["DestinationConfig"]["OnFailure"]
+    assert destination == {"Type": "SQS", "Destination": {"Fn::GetAtt": ["JobStateDeadLetterQueue", "Arn"]}}
 
 
 def test_emr_serverless_application_is_cheap_when_idle():
@@ -290,10 +308,10 @@ def test_emr_serverless_application_is_cheap_when_idle():
     assert "CustomImageUri" in rule["Assertions"][0]["AssertDescription"]
 
 
-def test_lock_table_has_ttl_and_alerts_have_a_topic():
+def test_state_table_and_alerts_have_a_topic():
     table = RESOURCES["RunsTable"]["Properties"]
-    assert table["TimeToLiveSpecification"] == {"AttributeName": "expiration", "Enabled": True}
     assert table["KeySchema"] == [{"AttributeName": "id", "KeyType": "HASH"}]
+    assert table["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
     assert RESOURCES["AlertTopic"]["Type"] == "AWS::SNS::Topic"
     alarms = [r for r in RESOURCES.values() if r["Type"] == "AWS::CloudWatch::Alarm"]
     assert alarms and all(a["Properties"]["AlarmActions"] == [{"Ref": "AlertTopic"}] for a in alarms)

@@ -1,0 +1,240 @@
+"""The pipeline's whole state: one DynamoDB item, changed only by conditional updates. It holds counts and
+times, never an object key.
+
+  gen                changes marked so far (one per batch that held any); dirty while gen > processed_gen
+  processed_gen      the gen the last successful run started from
+  first_change_at    earliest change not yet claimed by a run (for MAX_WAIT_SECONDS)
+  last_change_at     latest change marked (for QUIET_SECONDS)
+  covered_before     changes that happened before this were visible to a run already claimed (late duplicates)
+  run                the active run: run_id, gen, claimed_at, first_change_at, attempt, [job_id, started_at]
+  failures           consecutive failed runs; retry_at: not before; given_up_gen: no automatic run until gen moves
+  last_run           outcome of the last settled run, for people and alerts
+  alert              an alert not yet sent (outbox: sent, then removed), so a failed publish is never lost
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from botocore.exceptions import ClientError
+
+ITEM_ID = "pipeline"
+CLOCK_SKEW_S = 60  # margin between S3's event times and ours when deciding a change was already visible
+
+
+class Conflict(RuntimeError):
+    """A conditional update lost: the state moved since it was read (another invocation got there first)."""
+
+
+@dataclass
+class Run:
+    run_id: str
+    gen: int
+    claimed_at: float
+    first_change_at: float
+    attempt: int
+    job_id: str = ""
+    started_at: float = 0.0
+    timeout_alerted: bool = False
+
+
+@dataclass
+class State:
+    gen: int = 0
+    processed_gen: int = 0
+    first_change_at: Optional[float] = None
+    last_change_at: Optional[float] = None
+    covered_before: Optional[float] = None
+    run: Optional[Run] = None
+    failures: int = 0
+    retry_at: float = 0.0
+    given_up_gen: int = -1
+    last_run: Optional[dict] = None
+    alert: Optional[dict] = None
+
+    @property
+    def dirty(self) -> bool:
+        return self.gen > self.processed_gen
+
+    @property
+    def given_up(self) -> bool:
+        return self.gen <= self.given_up_gen
+
+
+def _num(item: dict, name: str, default=None):
+    value = item.get(name)
+    return default if value is None else float(value["N"])
+
+
+def _s(value: str) -> dict:
+    return {"S": value}
+
+
+def _n(value: float) -> dict:
+    # Times to the millisecond, rounded down: a change stored "now" is never in the future of "now".
+    return {"N": repr(math.floor(value * 1000) / 1000) if isinstance(value, float) else str(value)}
+
+
+class PipelineState:
+    def __init__(self, dynamodb, table: str, clock: Callable[[], float] = time.time):
+        self.db, self.table, self.clock = dynamodb, table, clock
+
+    def _update(self, expression: str, values: dict, condition: Optional[str] = None, names: Optional[dict] = None):
+        args = {
+            "TableName": self.table,
+            "Key": {"id": _s(ITEM_ID)},
+            "UpdateExpression": expression,
+            "ExpressionAttributeValues": values,
+        }
+        if condition:
+            args["ConditionExpression"] = condition
+        if names:
+            args["ExpressionAttributeNames"] = names
+        try:
+            self.db.update_item(**args)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                raise Conflict(expression.split(" ", 2)[1]) from None
+            raise
+
+    def read(self) -> State:
+        item = self.db.get_item(TableName=self.table, Key={"id": _s(ITEM_ID)}, ConsistentRead=True).get("Item") or {}
+        run = None
+        if "run" in item:
+            r = item["run"]["M"]
+            run = Run(
+                run_id=r["run_id"]["S"],
+                gen=int(_num(r, "gen", 0)),
+                claimed_at=_num(r, "claimed_at", 0.0),
+                first_change_at=_num(r, "first_change_at", 0.0),
+                attempt=int(_num(r, "attempt", 1)),
+                job_id=r.get("job_id", {}).get("S", ""),
+                started_at=_num(r, "started_at", 0.0),
+                timeout_alerted=r.get("timeout_alerted", {}).get("BOOL", False),
+            )
+        return State(
+            gen=int(_num(item, "gen", 0)),
+            processed_gen=int(_num(item, "processed_gen", 0)),
+            first_change_at=_num(item, "first_change_at"),
+            last_change_at=_num(item, "last_change_at"),
+            covered_before=_num(item, "covered_before"),
+            run=run,
+            failures=int(_num(item, "failures", 0)),
+            retry_at=_num(item, "retry_at", 0.0),
+            given_up_gen=int(_num(item, "given_up_gen", -1)),
+            last_run=_plain(item["last_run"]) if "last_run" in item else None,
+            alert=_plain(item["alert"]) if "alert" in item else None,
+        )
+
+    # --- changes -------------------------------------------------------------------------------------
+    def mark_dirty(self, changed_at: Optional[float]) -> bool:
+        """Record that something changed (one update per batch, whatever its size). False when every change
+        of the batch happened before a run already claimed started, which lists images/ later: covered."""
+        now = self.clock()
+        when = now if changed_at is None else min(changed_at, now)
+        try:
+            self._update(
+                "SET gen = if_not_exists(gen, :zero) + :one, last_change_at = :now, "
+                "first_change_at = if_not_exists(first_change_at, :now)",
+                {":zero": _n(0), ":one": _n(1), ":now": _n(now), ":when": _n(when)},
+                condition="attribute_not_exists(covered_before) OR covered_before < :when",
+            )
+            return True
+        except Conflict:
+            return False
+
+    def mark_daily(self) -> None:
+        """The daily reconciliation: behave as if something changed, so images that changed without an event
+        (lifecycle expiry, lost notifications, images older than the stack) converge within a day."""
+        now = self.clock()
+        self._update(
+            "SET gen = if_not_exists(gen, :zero) + :one, first_change_at = if_not_exists(first_change_at, :now), "
+            "daily_marked_at = :now",
+            {":zero": _n(0), ":one": _n(1), ":now": _n(now)},
+        )
+
+    # --- runs ----------------------------------------------------------------------------------------
+    def claim(self, seen: State, run_id: str) -> Run:
+        """Take the single run slot for the changes seen. Raises Conflict if the state moved since."""
+        now = self.clock()
+        run = Run(run_id, seen.gen, now, seen.first_change_at or now, attempt=seen.failures + 1)
+        self._update(
+            "SET #run = :run, covered_before = :covered REMOVE first_change_at",
+            {
+                ":run": {
+                    "M": {
+                        "run_id": _s(run.run_id),
+                        "gen": _n(run.gen),
+                        "claimed_at": _n(now),
+                        "first_change_at": _n(run.first_change_at),
+                        "attempt": _n(run.attempt),
+                    }
+                },
+                ":covered": _n(now - CLOCK_SKEW_S),
+                ":gen": _n(seen.gen),
+            },  # fmt: skip
+            condition="attribute_not_exists(#run) AND gen = :gen",
+            names={"#run": "run"},
+        )
+        return run
+
+    def record_job(self, run: Run, job_id: str) -> None:
+        self._update(
+            "SET #run.job_id = :job, #run.started_at = :now",
+            {":job": _s(job_id), ":now": _n(self.clock()), ":id": _s(run.run_id)},
+            condition="#run.run_id = :id",
+            names={"#run": "run"},
+        )
+        run.job_id = job_id
+
+    def mark_timeout_alerted(self, run: Run) -> None:
+        self._update(
+            "SET #run.timeout_alerted = :yes",
+            {":yes": {"BOOL": True}, ":id": _s(run.run_id)},
+            condition="#run.run_id = :id",
+            names={"#run": "run"},
+        )
+
+    def settle(self, seen: State, succeeded: bool, outcome: dict, alert: Optional[dict], retry_base_s: int,
+               max_attempts: int) -> None:  # fmt: skip
+        """End the active run, once: the condition on its run_id makes a retried invocation a Conflict."""
+        run, now = seen.run, self.clock()
+        last_run = {"M": {k: _s(str(v)) for k, v in {**outcome, "ended_at": int(now)}.items()}}
+        values = {":id": _s(run.run_id), ":last": last_run}
+        if succeeded:
+            expression = (
+                "SET processed_gen = :gen, failures = :zero, last_run = :last REMOVE #run, retry_at, given_up_gen"
+            )
+            values.update({":gen": _n(run.gen), ":zero": _n(0)})
+        else:
+            failures = seen.failures + 1
+            expression = "SET failures = :failures, retry_at = :retry, first_change_at = :first, last_run = :last"
+            values.update({
+                ":failures": _n(failures),
+                ":retry": _n(now + retry_base_s * 2 ** min(failures - 1, 8)),
+                ":first": _n(run.first_change_at),  # its changes are unprocessed again, from when they began
+            })  # fmt: skip
+            if failures >= max_attempts:
+                expression += ", given_up_gen = :gen"
+                values[":gen"] = _n(seen.gen)
+            expression += " REMOVE #run"
+        if alert:
+            expression = expression.replace(" REMOVE", ", alert = :alert REMOVE", 1)
+            values[":alert"] = {"M": {k: _s(str(v)) for k, v in alert.items()}}
+        self._update(expression, values, condition="#run.run_id = :id", names={"#run": "run"})
+
+    def queue_alert(self, alert: dict) -> None:
+        self._update("SET alert = :alert", {":alert": {"M": {k: _s(str(v)) for k, v in alert.items()}}})
+
+    def clear_alert(self, alert_id: str) -> None:
+        # Conflict: a newer alert replaced it, or another invocation sent and removed it already.
+        with contextlib.suppress(Conflict):
+            self._update("REMOVE alert", {":id": _s(alert_id)}, condition="alert.id = :id")
+
+
+def _plain(value: dict) -> dict:
+    return {k: next(iter(v.values())) for k, v in value["M"].items()}
