@@ -29,3 +29,29 @@ def lambda_context():
             return 30000
 
     return Context()
+
+
+@pytest.fixture
+def moto_server():
+    """A moto server on loopback, for code in other processes (spark-submit, Python workers)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory):
+    """A real Keras weights file for the model (seeded; ImageNet cannot be downloaded offline)."""
+    import tensorflow as tf
+
+    from emr_job.model import build_network
+
+    tf.keras.utils.set_random_seed(7)
+    net = build_network()
+    path = str(tmp_path_factory.mktemp("weights") / "mobilenet_v2_test.weights.h5")
+    net.save_weights(path)
+    return path

@@ -13,20 +13,6 @@ def spark():
     session.stop()
 
 
-@pytest.fixture(scope="session")
-def weights_file(tmp_path_factory):
-    """A real Keras weights file for the model (seeded; ImageNet cannot be downloaded offline)."""
-    import tensorflow as tf
-
-    from emr_job.model import build_network
-
-    tf.keras.utils.set_random_seed(7)
-    net = build_network()
-    path = str(tmp_path_factory.mktemp("weights") / "mobilenet_v2_test.weights.h5")
-    net.save_weights(path)
-    return path
-
-
 @pytest.fixture
 def job(spark):
     """Run the job in-process on the test session: job(input, output, **JobConfig fields) -> report."""

@@ -6,24 +6,12 @@ import subprocess
 import sys
 
 import boto3
-import pytest
-from moto.server import ThreadedMotoServer
 
 from emr_job.package import build
-from tests.conftest import free_port
 from tests.job.images import encoded, make_tree, rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
-
-
-@pytest.fixture
-def s3_server():
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 def job_env(**extra):
@@ -37,9 +25,9 @@ def submit(dist: list, args: list, cwd, env) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True)
 
 
-def test_spark_submit_reads_and_writes_s3_and_converges_on_what_the_bucket_holds(s3_server, tmp_path, weights_file):
+def test_spark_submit_reads_and_writes_s3_and_converges_on_what_the_bucket_holds(moto_server, tmp_path, weights_file):
     # Given a versioned bucket with images (one broken) and weights, as the stack has
-    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3 = boto3.client("s3", endpoint_url=moto_server)
     s3.create_bucket(Bucket="photos", CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
     s3.put_bucket_versioning(Bucket="photos", VersioningConfiguration={"Status": "Enabled"})
     keys = []
@@ -52,7 +40,7 @@ def test_spark_submit_reads_and_writes_s3_and_converges_on_what_the_bucket_holds
     dist = build(str(tmp_path / "dist"))[:2]
     args = ["--input", "s3://photos/images/", "--output", "s3://photos/results/",
             "--weights", "s3://photos/artifacts/model/weights.weights.h5", "--k", "2"]  # fmt: skip
-    env = job_env(AWS_ENDPOINT_URL=s3_server)
+    env = job_env(AWS_ENDPOINT_URL=moto_server)
 
     # When the packaged entry file is submitted as EMR does
     proc = submit(dist, args, tmp_path, env)
@@ -63,7 +51,7 @@ def test_spark_submit_reads_and_writes_s3_and_converges_on_what_the_bucket_holds
     assert (rpt["images_ok"], rpt["images_failed"]) == (6, 1)
     assert rpt["weights"].startswith("s3://photos/artifacts/model/weights.weights.h5")
     assert "images: 7 total, 6 ok, 1 failed" in proc.stdout
-    os.environ["AWS_ENDPOINT_URL"] = s3_server
+    os.environ["AWS_ENDPOINT_URL"] = moto_server
     try:
         from tests.job.results import rows
 
