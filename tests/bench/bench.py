@@ -1,13 +1,13 @@
 """`make bench`: the numbers docs/PERFORMANCE.md reports, measured in one run on this machine.
 
-  model limit     MobileNetV2 as a tf.function on uint8 tensors already in RAM, one process, TF's own threads
-  job             cold `python -m emr_job` on N synthetic 100x100 JPEGs: wall time, stages, peak RSS per process
-  incremental     the same output re-run with 1% new images
-  scale           the cold job on SCALE_N images: peak RSS per process should not grow with N
-  pca             emr_job.pca against pyspark.ml.feature.PCA on the same 20,000 x 1280 features, k=100
-  trigger         the trigger handler on a 10,000-record SQS batch (moto): AWS calls and handler time
+  job         model limit (MobileNetV2 as a tf.function on tensors in RAM); cold `python -m emr_job` on N
+              synthetic 100x100 JPEGs (wall time, stages, peak RSS per process); re-runs with nothing changed
+              and with 1% new; the cold job on SCALE_N images (peak RSS should not grow with N)
+  pca         emr_job.pca against pyspark.ml.feature.PCA on the same 20,000 x 1280 features, k=100
+  trigger     the trigger on 10 and on 10,000 records after a million changes (moto): AWS calls, time
+  reconcile   planning on STORED synthetic feature rows with 1% changed (wall, peak RSS), bytes rewritten
 
-Prints one JSON line (and writes it to OUT/bench.json).
+Prints one JSON line (and writes it to OUT/bench.json). --only SECTION runs one.
 """
 
 from __future__ import annotations
@@ -173,8 +173,9 @@ def pca_benchmark(work: Path, rows: int = 20000, k: int = 100) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from emr_job.main import spark_session
-    from emr_job.pca import FILES_SCHEMA, MOMENTS_SCHEMA, file_moments, fit_from_moments
+    from emr_job.job import FILE_TASKS_SCHEMA
+    from emr_job.pca import MOMENTS_SCHEMA, file_moments, fit_from_moments
+    from emr_job.session import spark_session
 
     # Features shaped like MobileNetV2's: non-negative, a decaying spectrum, 1280 wide.
     rng = np.random.default_rng(0)
@@ -198,7 +199,7 @@ def pca_benchmark(work: Path, rows: int = 20000, k: int = 100) -> dict:
 
     vectors = spark.read.parquet(str(folder)).select(array_to_vector("features").alias("v")).cache()
     vectors.count()  # Spark ML starts from vectors already in memory; ours reads the files each time
-    tasks = spark.createDataFrame([(f,) for f in files], FILES_SCHEMA)
+    tasks = spark.createDataFrame([(f, []) for f in files], FILE_TASKS_SCHEMA)
 
     def ours_fit():
         return fit_from_moments(tasks.mapInArrow(file_moments, MOMENTS_SCHEMA).collect(), None, k)
@@ -231,63 +232,90 @@ def pca_benchmark(work: Path, rows: int = 20000, k: int = 100) -> dict:
 
 # --- trigger -------------------------------------------------------------------------------------------
 def trigger_benchmark(records: int = 10000) -> dict:
+    """AWS calls and handler time of one batch: 10 records on a fresh state, 10,000 after a million changes."""
     from types import SimpleNamespace
 
+    from botocore.client import BaseClient
     from moto import mock_aws
 
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="eu-west-3")
     os.environ.pop("AWS_ENDPOINT_URL", None)
     from tests.lambdas.conftest import load, s3_record, sqs_event
-    from tests.lambdas.stack import create_stack, job_runs
+    from tests.lambdas.stack import create_stack
 
     context = SimpleNamespace(
         function_name="bench", memory_limit_in_mb=512, aws_request_id="bench-1",
         invoked_function_arn="arn:aws:lambda:eu-west-3:123456789012:function:bench",
         get_remaining_time_in_millis=lambda: 60000,
     )  # fmt: skip
+    real = BaseClient._make_api_call
 
-    def invoke(n: int) -> tuple:
+    def invoke(n: int, prior_changes: int) -> tuple:
         with mock_aws():
             stack = create_stack()
-            os.environ.update(stack.env)
+            os.environ.update({**stack.env, "QUIET_SECONDS": "60"})  # uploads still arriving: mark and wait
             app = load("trigger.app")
-            calls = []
-            clients = [app.PIPELINE.manifests.s3, app.PIPELINE.lock.db, app.PIPELINE.launcher.client, app.PIPELINE.sqs]
-            for client in clients:
-                client.meta.events.register("before-call", lambda model, **kw: calls.append(model.name))
+            if prior_changes:
+                stack.ddb.put_item(TableName="runs", Item={"id": {"S": "pipeline"}, "gen": {"N": str(prior_changes)},
+                                                           "processed_gen": {"N": "0"}})  # fmt: skip
             bodies = [{"Records": [s3_record(f"images/L{i % 97}/{i:06d}.jpg") for i in range(j, min(j + 10, n))]}
                       for j in range(0, n, 10)]  # fmt: skip
             event = sqs_event(bodies)
-            start = time.perf_counter()
-            response = app.lambda_handler(event, context)
-            elapsed = time.perf_counter() - start
+            calls = []
+            BaseClient._make_api_call = lambda self, name, params: (calls.append(name), real(self, name, params))[1]
+            try:
+                start = time.perf_counter()
+                response = app.lambda_handler(event, context)
+                elapsed = time.perf_counter() - start
+            finally:
+                BaseClient._make_api_call = real
             assert response == {"batchItemFailures": []}, response
-            assert len(job_runs(stack)) == 1
             return elapsed, calls
 
-    small_s, small_calls = invoke(100)
-    big_s, big_calls = invoke(records)
+    small_s, small_calls = invoke(10, 0)
+    big_s, big_calls = invoke(records, 1_000_000)
     return {
         "records": records,
         "handler_s": round(big_s, 3),
-        "aws_calls": len(big_calls),
-        "aws_calls_for_100_records": len(small_calls),
-        "calls": sorted(set(big_calls)),
+        "handler_s_for_10_records": round(small_s, 3),
+        "aws_calls": big_calls,
+        "aws_calls_for_10_records": small_calls,
     }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=5000)
-    parser.add_argument("--scale-n", type=int, default=20000, help="0 skips the memory-scaling run")
-    parser.add_argument("--out", default=str(ROOT / "bench-out"))
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args(argv)
-    work = Path(args.out)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+# --- reconciliation at scale ---------------------------------------------------------------------------
+def scale_benchmark(work: Path, n: int) -> dict:
+    """Planning on n stored images with 1% changed (fresh process: its own peak RSS), and bytes rewritten."""
+    store = work / "scale-store"
+    script = str(ROOT / "tests" / "bench" / "scale.py")
 
+    def step(name: str) -> dict:
+        out = subprocess.run([sys.executable, script, name, str(store), str(n)], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True)  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    built = step("build")
+    planned = step("plan")
+    rewritten = step("rewrite")
+    shutil.rmtree(store)
+    return {"build": built, "plan": planned, "rewrite": rewritten}
+
+
+def machine() -> str:
+    """CPU model and whether it has AVX-512: figures compare only within one machine."""
+    model, flags = "unknown", ""
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    return f"{os.cpu_count()} vCPU {model}, {'AVX-512' if 'avx512f' in flags else 'no AVX-512'}"
+
+
+def job_benchmark(work: Path, args, log) -> dict:
     weights = work / "weights.weights.h5"
     save_weights(weights)
     log(f"making {args.n} images")
@@ -300,12 +328,14 @@ def main(argv=None) -> int:
     full = job(images, work / "out", weights)
     job_img_s = args.n / full["wall_s"]
 
+    log("re-run with nothing changed")
+    cmd = [sys.executable, "-m", "emr_job", "--input", str(images), "--output", str(work / "out"), "--weights"]
+    unchanged = run_measured([*cmd, str(weights)])
     log("incremental re-run with 1% new images")
     make_images(images, max(1, args.n // 100), seed=1, prefix="new-")
     rerun = job(images, work / "out", weights)
 
     result = {
-        "machine": f"{os.cpu_count()} cpu",
         "n": args.n,
         "limit_img_s": round(limit, 1),
         "job_img_s": round(job_img_s, 1),
@@ -314,6 +344,7 @@ def main(argv=None) -> int:
         "stages_s": full["stages_s"],
         "peak_rss_mb": full["peak_rss_mb"],
         "peak_rss_total_mb": full["peak_rss_total_mb"],
+        "unchanged_wall_s": unchanged["wall_s"],
         "rerun_1pct_wall_s": rerun["wall_s"],
         "rerun_featurized": rerun["report"]["images_featurized"],
         "rerun_fraction_of_full": round(rerun["wall_s"] / full["wall_s"], 3),
@@ -333,10 +364,34 @@ def main(argv=None) -> int:
             "peak_rss_mb": scaled["peak_rss_mb"],
             "peak_rss_total_mb": scaled["peak_rss_total_mb"],
         }
-    log("pca: ours against pyspark.ml")
-    result["pca"] = pca_benchmark(work)
-    log("trigger on a 10,000-record batch")
-    result["trigger"] = trigger_benchmark()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=5000)
+    parser.add_argument("--scale-n", type=int, default=20000, help="0 skips the memory-scaling run")
+    parser.add_argument("--out", default=str(ROOT / "bench-out"))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--stored", type=int, default=1_000_000, help="stored images for the planning section")
+    parser.add_argument("--only", choices=["job", "pca", "trigger", "reconcile"], help="run one section")
+    args = parser.parse_args(argv)
+    work = Path(args.out)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    result: dict = {"machine": machine()}
+    if args.only in (None, "job"):
+        result.update(job_benchmark(work, args, log))
+    if args.only in (None, "pca"):
+        log("pca: ours against pyspark.ml")
+        result["pca"] = pca_benchmark(work)
+    if args.only in (None, "trigger"):
+        log("trigger: one batch of 10 records, and of 10,000 after a million changes")
+        result["trigger"] = trigger_benchmark()
+    if args.only in (None, "reconcile"):
+        log(f"reconciliation at scale: {args.stored} stored images, 1% changed")
+        result["reconcile"] = scale_benchmark(work, args.stored)
     line = json.dumps(result)
     (work / "bench.json").write_text(line + "\n")
     print(line)

@@ -1,0 +1,159 @@
+"""The reconciliation at scale, without the model: synthetic feature rows, a real Iceberg store, real planning.
+
+  python tests/bench/scale.py build DIR N         a published store of N feature rows (1280 float32 each)
+  python tests/bench/scale.py plan DIR N          plan a run with 1% changed; prints wall time and peak RSS
+  python tests/bench/scale.py rewrite DIR N       commit that run's writes; prints bytes written vs the store
+
+`make bench` runs these (planning in a fresh process, so its peak RSS is the planner's own)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+ROWS_PER_FILE = 10000
+LABELS = 131  # Fruits-360 has 131 labels
+K = 50  # PCA width used for the pca table's size; it scales linearly with k
+
+
+def path_of(i: int) -> str:
+    return f"s3://bench/images/label{i % LABELS:03d}/{i:07d}.jpg"
+
+
+def version_of(i: int, generation: int = 0) -> str:
+    return f"{(int(i) * 2654435761 + generation) % 2**64:032x}"
+
+
+def feature_table(ids: np.ndarray, rng, weights: str = "sha256:bench") -> pa.Table:
+    from emr_job.featurize import feature_rows
+
+    rows = [{"path": path_of(i), "label": f"label{i % LABELS:03d}", "version": version_of(i)} for i in ids.tolist()]
+    features = np.abs(rng.normal(size=(len(ids), 1280))).astype(np.float32)  # incompressible, as a worst case
+    from emr_job.store import arrow_schema
+
+    return feature_rows(rows, features, weights, arrow_schema("features"))
+
+
+def build(out: str, n: int) -> dict:
+    from emr_job import storage
+    from emr_job.store import Results, RunCommit, TableChange
+
+    rng = np.random.default_rng(0)
+    commit = RunCommit(Results(out), "bench-build")
+    files = []
+    for start in range(0, n, ROWS_PER_FILE):
+        path = commit.data_file_path("features", str(start // ROWS_PER_FILE))
+        storage.write_parquet(path, feature_table(np.arange(start, min(n, start + ROWS_PER_FILE)), rng))
+        files.append(path)
+    commit.apply("features", TableChange(added=files))
+    commit.publish({"run_id": "bench-build"})
+    return {"rows": n, "files": len(files), "store_bytes": store_bytes(out)}
+
+
+def store_bytes(out: str, table: str = "features") -> int:
+    return sum(p.stat().st_size for p in (Path(out) / "tables" / table / "data").glob("*.parquet"))
+
+
+def changed_listing(n: int) -> tuple[pa.Table, dict]:
+    """The input after 1% changed: 0.25% deleted, 0.5% rewritten (new ETag), 0.25% new."""
+    rng = np.random.default_rng(1)
+    ids = np.arange(n)
+    deleted = rng.choice(n, n // 400, replace=False)
+    keep = np.setdiff1d(ids, deleted)
+    modified = set(rng.choice(keep, n // 200, replace=False).tolist())
+    new = np.arange(n, n + n // 400)
+    all_ids = np.concatenate([keep, new])
+    paths = [path_of(i) for i in all_ids]
+    versions = [version_of(i, 1 if i in modified else 0) for i in all_ids]
+    labels = [f"label{i % LABELS:03d}" for i in all_ids]
+    listing = pa.table({"path": paths, "label": labels, "version": versions})
+    return listing, {"deleted": len(deleted), "modified": len(modified), "new": len(new)}
+
+
+def plan(out: str, n: int) -> dict:
+    listing, changes = changed_listing(n)  # S3 LIST's side, measured apart: this is the planner's
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    from emr_job.plan import make_plan
+    from emr_job.store import Results, live_files, read_live
+
+    results = Results(out)
+    files = live_files(results.table("features"))
+    index = read_live(files, ["path", "version", "weights"])
+    made = make_plan(listing, 0, index, files, results.read("failures"), "sha256:bench")
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "stored": n,
+        "changes": changes,
+        "to_featurize": made.featurize.num_rows,
+        "rows_deleted": int(sum(len(p) for p in made.deletes.values())),
+        "files_touched": len(made.deletes),
+        "plan_wall_s": round(wall, 2),
+        "peak_rss_mb": round(peak / 1024),
+        "listing_rss_mb": round(before / 1024),
+    }
+
+
+def rewrite(out: str, n: int) -> dict:
+    """Commit what a 1%-changed run writes, and count the bytes of every file it created."""
+    from emr_job import storage
+    from emr_job.plan import make_plan
+    from emr_job.store import Results, RunCommit, TableChange, arrow_schema, live_files, read_live
+
+    listing, _ = changed_listing(n)
+    results = Results(out)
+    files = live_files(results.table("features"))
+    made = make_plan(listing, 0, read_live(files, ["path", "version", "weights"]), files,
+                     results.read("failures"), "sha256:bench")  # fmt: skip
+    existing = {p for p in Path(out).rglob("*") if p.is_file()}
+    commit = RunCommit(results, "bench-rewrite")
+    new_file = commit.data_file_path("features", "0")
+    ids = np.array([int(p.rsplit("/", 1)[1][:7]) for p in made.featurize.column("path").to_pylist()])
+    storage.write_parquet(new_file, feature_table(ids, np.random.default_rng(2)))
+    commit.apply("features", TableChange(added=[new_file], deletes=dict(made.deletes)))
+    features_written = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file() and p not in existing)
+
+    # The pca table is rewritten whole by every run that changes anything: PCA is refitted on all rows.
+    rng = np.random.default_rng(3)
+    pca_files = []
+    live = listing.num_rows  # every listed image has a row once the run is done
+    for start in range(0, live, ROWS_PER_FILE):
+        rows = min(ROWS_PER_FILE, live - start)
+        coords = rng.normal(size=(rows, K)).astype(np.float32)
+        offsets = pa.array(np.arange(0, (rows + 1) * K, K, dtype=np.int32))
+        schema = arrow_schema("pca")
+        table = pa.Table.from_arrays([
+            pa.array([path_of(i) for i in range(start, start + rows)]),
+            pa.array([f"label{i % LABELS:03d}" for i in range(start, start + rows)]),
+            pa.ListArray.from_arrays(offsets, pa.array(coords.reshape(-1)), type=schema.field("pca").type),
+        ], schema=schema)  # fmt: skip
+        path = commit.data_file_path("pca", str(start // ROWS_PER_FILE))
+        storage.write_parquet(path, table)
+        pca_files.append(path)
+    commit.apply("pca", TableChange(added=pca_files, replace_all=True))
+    commit.publish({"run_id": "bench-rewrite"})
+    store = store_bytes(out)
+    pca = store_bytes(out, "pca")
+    return {
+        "store_bytes": store,
+        "features_bytes_written": features_written,
+        "features_fraction": round(features_written / store, 4),
+        "pca_bytes_written": pca,
+        "pca_k": K,
+        "all_fraction": round((features_written + pca) / store, 4),
+    }
+
+
+if __name__ == "__main__":
+    command, folder, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    print(json.dumps({"build": build, "plan": plan, "rewrite": rewrite}[command](folder, count)))
