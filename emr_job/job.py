@@ -38,7 +38,16 @@ from emr_job.pca import (
     rewrite_files,
 )
 from emr_job.plan import Plan, make_plan
-from emr_job.store import Results, RunCommit, TableChange, arrow_schema, live_files, read_live, remove_orphans
+from emr_job.store import (
+    Results,
+    RunCommit,
+    TableChange,
+    arrow_schema,
+    live_files,
+    mark_running,
+    read_live,
+    remove_orphans,
+)
 
 IMAGES_PER_TASK = 4000  # long tasks amortise per-task set-up; more tasks than cores only past this size
 FILE_TASKS_SCHEMA = "file string, deleted array<long>"
@@ -99,6 +108,15 @@ def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) 
         previous = dict(results.report or {})
         return {**previous, "published": False, "orphans_removed": removed, "timings_s": timer.total()}
 
+    marker = mark_running(results, run_id)
+    try:
+        return _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, files, plan, compact)
+    finally:
+        storage.delete_files([marker])
+
+
+def _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, files, plan, compact) -> dict:
+    """The part of a run that writes: featurize, commit each table, publish, clean up."""
     arrays = None
     with ThreadPoolExecutor(1) as pool:
         if plan.featurize.num_rows:  # TensorFlow loads in the background while the JVM starts
@@ -127,7 +145,8 @@ def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) 
         maintenance["oldest_uncompacted_delete"] = None
     elif change.deletes and not maintenance.get("oldest_uncompacted_delete"):
         maintenance["oldest_uncompacted_delete"] = _iso(CLOCK())
-    commit.apply("features", change)
+    if change.added or change.deletes or change.removed:
+        commit.apply("features", change)
     timer.lap("write")
     _step(fail_at, "features")
 

@@ -46,18 +46,18 @@ def normalize(root: str) -> str:
     return os.path.abspath(root)
 
 
-_S3 = None
+_S3: dict = {}
 
 
 def s3_client():
-    """One client per process, thread-safe; AWS_ENDPOINT_URL points it at a moto server in tests."""
-    global _S3
-    if _S3 is None:
+    """One client per process and endpoint, thread-safe; AWS_ENDPOINT_URL points it at a moto server in tests."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint not in _S3:
         import boto3
         from botocore.config import Config
 
-        _S3 = boto3.client("s3", config=Config(max_pool_connections=32, retries={"mode": "adaptive"}))
-    return _S3
+        _S3[endpoint] = boto3.client("s3", config=Config(max_pool_connections=32, retries={"mode": "adaptive"}))
+    return _S3[endpoint]
 
 
 def io_properties() -> dict:
@@ -80,13 +80,14 @@ def filesystem(uri: str):
         from pyarrow.fs import LocalFileSystem
 
         return _FS.setdefault("file", LocalFileSystem()), os.path.abspath(uri)
-    if "s3" not in _FS:
+    props = io_properties()
+    cache_key = ("s3", props.get("s3.endpoint"))
+    if cache_key not in _FS:
         from pyarrow.fs import S3FileSystem
 
-        props = io_properties()
-        _FS["s3"] = S3FileSystem(endpoint_override=props.get("s3.endpoint"), region=props.get("s3.region"))
+        _FS[cache_key] = S3FileSystem(endpoint_override=props.get("s3.endpoint"), region=props.get("s3.region"))
     bucket, key = split_s3_uri(uri)
-    return _FS["s3"], f"{bucket}/{key}"
+    return _FS[cache_key], f"{bucket}/{key}"
 
 
 def label_of(root: str, path: str) -> Optional[str]:

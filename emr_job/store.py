@@ -422,16 +422,35 @@ def referenced_files(table) -> set:
     return files
 
 
+RUN_MARKERS = "_running"
+MAX_RUN_S = 24 * 3600  # a run marker older than this belongs to a run that died; runs time out long before
+
+
+def mark_running(results: Results, run_id: str) -> str:
+    """Announce a run that writes files: while its marker lives, nothing it wrote counts as an orphan."""
+    marker = storage.join(results.root, RUN_MARKERS, run_id)
+    storage.write_bytes(marker, b"")
+    return marker
+
+
 def remove_orphans(results: Results, grace_s: float = 600.0) -> int:
     """Delete table files and run folders the published state no longer reaches (expired snapshots, runs
-    that crashed or lost the swap). Files younger than grace_s are left: a run may still be writing them."""
+    that crashed or lost the swap). Files younger than grace_s, or than any run still marked running, are
+    left: that run may still be writing them, and would publish them."""
     keep: set = set()
     for name in TABLE_NAMES:
         table = results.table(name)
         if table is not None:
             keep |= {storage.normalize(f) if not storage.is_s3(f) else f for f in referenced_files(table)}
     current_run = storage.join(results.root, "runs", results.report["run_id"]) if results.report else None
-    cutoff = time.time() - grace_s
+    now = time.time()
+    cutoff = now - grace_s
+    dead_markers = []
+    for marker, modified in storage.list_prefix(storage.join(results.root, RUN_MARKERS)):
+        if now - modified < MAX_RUN_S:
+            cutoff = min(cutoff, modified - 2)  # files of a live run are newer than its marker (1 s resolution)
+        else:
+            dead_markers.append(marker)
     doomed = []
     for folder in ("tables", "runs"):
         for uri, modified in storage.list_prefix(storage.join(results.root, folder)):
@@ -440,5 +459,5 @@ def remove_orphans(results: Results, grace_s: float = 600.0) -> int:
             if current_run and uri.startswith(current_run + "/"):
                 continue
             doomed.append(uri)
-    storage.delete_files(doomed)
+    storage.delete_files(doomed + dead_markers)
     return len(doomed)

@@ -263,3 +263,32 @@ def test_a_failed_run_leaves_previous_results(job, tmp_path, weights_file):
 
     assert Path(out, "report.json").read_text() == before
     assert len(rows(out, "features")) == 3 and len(rows(out, "pca")) == 3
+
+
+def test_orphan_removal_spares_the_files_of_a_run_still_writing(tmp_path):
+    import time
+
+    import pyarrow as pa
+
+    from emr_job import storage
+    from emr_job.store import Results, RunCommit, TableChange, arrow_schema, mark_running, remove_orphans
+
+    # Given published results, and a second run that announced itself, then wrote a data file not yet published
+    out = str(tmp_path / "out")
+    first = RunCommit(Results(out), "run-a")
+    first.apply("failures", TableChange())
+    first.publish({"run_id": "run-a"})
+    time.sleep(2.5)  # S3 LastModified has one-second resolution: the marker predates the files it covers
+    mark_running(Results(out), "run-b")
+    in_flight = RunCommit(Results(out), "run-b").data_file_path("failures", "0")
+    storage.write_parquet(in_flight, pa.Table.from_pylist([], schema=arrow_schema("failures")))
+    abandoned = str(tmp_path / "out" / "tables" / "failures" / "data" / "run-x-0-old.parquet")
+    storage.write_parquet(abandoned, pa.Table.from_pylist([], schema=arrow_schema("failures")))
+    old = time.time() - 3600
+    os.utime(abandoned, (old, old))  # a crashed run's file, from before the live run began
+
+    # When another run removes orphans with no grace period at all
+    remove_orphans(Results(out), grace_s=0)
+
+    # Then the live run's file stays, the crashed run's goes
+    assert os.path.exists(in_flight) and not os.path.exists(abandoned)
