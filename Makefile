@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SAM_VENV := .venv-sam
+SCAN_VENV := .venv-scan
 SAM_CLI_VERSION := 1.170.0
 PIP_INSTALL = $(1)/bin/pip install --disable-pip-version-check -q
 
@@ -20,7 +21,7 @@ SAM := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup sam-setup run sample test bench lint invoke package weights deploy clean
+.PHONY: setup sam-setup scan-setup run sample test bench lint invoke package weights image deploy clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt emr_job/requirements.txt lambdas/requirements.txt constraints.txt
@@ -35,6 +36,13 @@ $(SAM_VENV)/.installed: Makefile
 	$(call PIP_INSTALL,$(SAM_VENV)) aws-sam-cli==$(SAM_CLI_VERSION)
 	touch $@
 
+# checkov and parliament (template scanners in make test) pin packages of their own too.
+scan-setup: $(SCAN_VENV)/.installed
+$(SCAN_VENV)/.installed: requirements-scan.txt constraints-scan.txt
+	$(PYTHON) -m venv $(SCAN_VENV)
+	$(call PIP_INSTALL,$(SCAN_VENV)) -r requirements-scan.txt -c constraints-scan.txt
+	touch $@
+
 out/.sample-images.done: emr_job/sample.py | $(VENV)/.installed
 	rm -rf out/sample-images
 	$(PY) -m emr_job.sample out/sample-images --per-label 20
@@ -45,7 +53,7 @@ sample: out/.sample-images.done
 run: setup $(if $(filter out/sample-images,$(INPUT)),sample)
 	$(PY) -m emr_job --input "$(INPUT)" --output "$(OUTPUT)" --weights "$(WEIGHTS)" $(ARGS)
 
-test: setup sam-setup
+test: setup sam-setup scan-setup
 	$(VENV)/bin/pytest
 
 lint: setup
@@ -54,7 +62,7 @@ lint: setup
 	$(VENV)/bin/cfn-lint template.yaml
 
 bench: setup
-	$(PY) tests/bench/bench.py --n $(BENCH_N)
+	$(PY) tests/bench/bench.py --n $(BENCH_N) $(ARGS)
 
 invoke: setup
 	$(PY) tests/local_invoke.py $(EVENT)
@@ -75,4 +83,4 @@ deploy: package sam-setup
 	$(PY) -m emr_job.package upload --config-env $(STACK_ENV) --weights "$(WEIGHTS_FILE)" dist
 
 clean:
-	rm -rf out dist .aws-sam .pytest_cache
+	rm -rf out dist .aws-sam .pytest_cache bench-out

@@ -183,9 +183,11 @@ def _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, file
     timer.lap("pca")
     _step(fail_at, "pca")
 
-    failures_file = commit.data_file_path("failures", "0")
-    storage.write_parquet(failures_file, pa.Table.from_pylist(failure_rows, schema=arrow_schema("failures")))
-    commit.apply("failures", TableChange(added=[failures_file], replace_all=True))
+    failures_files = []
+    if failure_rows:  # an empty table has no data file at all
+        failures_files.append(commit.data_file_path("failures", "0"))
+        storage.write_parquet(failures_files[0], pa.Table.from_pylist(failure_rows, schema=arrow_schema("failures")))
+    commit.apply("failures", TableChange(added=failures_files, replace_all=True))
     _step(fail_at, "failures")
 
     run_dir = storage.join(results.root, "runs", run_id)

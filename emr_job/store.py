@@ -19,6 +19,7 @@ snapshot expiry plus orphan removal delete the old files, so erased rows leave t
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -423,6 +424,7 @@ def referenced_files(table) -> set:
 
 
 RUN_MARKERS = "_running"
+RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")  # job.new_run_id(): data files and run folders carry it
 MAX_RUN_S = 24 * 3600  # a run marker older than this belongs to a run that died; runs time out long before
 
 
@@ -445,10 +447,11 @@ def remove_orphans(results: Results, grace_s: float = 600.0) -> int:
     current_run = storage.join(results.root, "runs", results.report["run_id"]) if results.report else None
     now = time.time()
     cutoff = now - grace_s
-    dead_markers = []
+    live_runs, dead_markers, earliest_live = set(), [], now
     for marker, modified in storage.list_prefix(storage.join(results.root, RUN_MARKERS)):
         if now - modified < MAX_RUN_S:
-            cutoff = min(cutoff, modified - 2)  # files of a live run are newer than its marker (1 s resolution)
+            live_runs.add(storage.basename(marker))
+            earliest_live = min(earliest_live, modified)
         else:
             dead_markers.append(marker)
     doomed = []
@@ -458,6 +461,11 @@ def remove_orphans(results: Results, grace_s: float = 600.0) -> int:
                 continue
             if current_run and uri.startswith(current_run + "/"):
                 continue
+            run_ids = set(RUN_ID.findall(uri))
+            if run_ids & live_runs:
+                continue  # a data file of a run still writing
+            if not run_ids and live_runs and modified >= earliest_live - 2:
+                continue  # metadata (named without a run id) written since a live run began (1 s resolution)
             doomed.append(uri)
     storage.delete_files(doomed + dead_markers)
     return len(doomed)

@@ -125,7 +125,8 @@ class Ec2Launcher:
         self.client, self.s = client, settings
 
     def cluster_name(self, run_id: str) -> str:
-        return f"image-features-{run_id}"
+        """Also the step's name: the stack's EventBridge rules match this stack's clusters by its prefix."""
+        return f"{self.s.run_name_prefix}-{run_id}"
 
     def start(self, run_id: str) -> str:
         s = self.s
@@ -161,7 +162,7 @@ class Ec2Launcher:
             Instances=instances,
             Steps=[
                 {
-                    "Name": run_id,
+                    "Name": name,
                     "ActionOnFailure": "TERMINATE_CLUSTER",
                     "HadoopJarStep": {"Jar": "command-runner.jar", "Args": submit},
                 }
@@ -184,7 +185,12 @@ class Ec2Launcher:
             JobFlowRole=s.emr_instance_profile,
             ServiceRole=s.emr_service_role,
             VisibleToAllUsers=True,
-            Tags=[{"Key": "run_id", "Value": run_id}, {"Key": "app", "Value": "image-features"}],
+            Tags=[
+                {"Key": "run_id", "Value": run_id},
+                {"Key": "app", "Value": "image-features"},
+                # AmazonEMRServicePolicy_v2 acts only on resources carrying this tag (EMR management guide).
+                {"Key": "for-use-with-amazon-emr-managed-policies", "Value": "true"},
+            ],
         )
         return response["JobFlowId"]
 

@@ -37,6 +37,7 @@ ENV_VARS: dict = {
     "EC2_SUBNET_ID": "",
     "EMR_SERVICE_ROLE": "",
     "EMR_INSTANCE_PROFILE": "",
+    "RUN_NAME_PREFIX": "image-features",
 }
 # Read by Powertools itself; declared in template.yaml Globals too.
 POWERTOOLS_ENV_VARS = ("POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE", "POWERTOOLS_LOG_LEVEL")
@@ -74,6 +75,7 @@ class Settings:
     ec2_subnet_id: Optional[str]
     emr_service_role: str
     emr_instance_profile: str
+    run_name_prefix: str
 
     # Derived locations: one prefix setting each; the layout below artifacts/ is emr_job/package.py's ARTIFACTS.
     @property
@@ -174,4 +176,5 @@ def load(environ: Mapping[str, str] = os.environ) -> Settings:
         ec2_subnet_id=raw["EC2_SUBNET_ID"] or None,
         emr_service_role=raw["EMR_SERVICE_ROLE"],
         emr_instance_profile=raw["EMR_INSTANCE_PROFILE"],
+        run_name_prefix=raw["RUN_NAME_PREFIX"],
     )

@@ -271,21 +271,24 @@ def test_orphan_removal_spares_the_files_of_a_run_still_writing(tmp_path):
     import pyarrow as pa
 
     from emr_job import storage
+    from emr_job.job import new_run_id
     from emr_job.store import Results, RunCommit, TableChange, arrow_schema, mark_running, remove_orphans
 
-    # Given published results, and a second run that announced itself, then wrote a data file not yet published
+    # Given published results, and a second run that announced itself an hour ago and is still writing
     out = str(tmp_path / "out")
-    first = RunCommit(Results(out), "run-a")
+    first = RunCommit(Results(out), new_run_id())
     first.apply("failures", TableChange())
-    first.publish({"run_id": "run-a"})
-    time.sleep(2.5)  # S3 LastModified has one-second resolution: the marker predates the files it covers
-    mark_running(Results(out), "run-b")
-    in_flight = RunCommit(Results(out), "run-b").data_file_path("failures", "0")
-    storage.write_parquet(in_flight, pa.Table.from_pylist([], schema=arrow_schema("failures")))
-    abandoned = str(tmp_path / "out" / "tables" / "failures" / "data" / "run-x-0-old.parquet")
-    storage.write_parquet(abandoned, pa.Table.from_pylist([], schema=arrow_schema("failures")))
-    old = time.time() - 3600
-    os.utime(abandoned, (old, old))  # a crashed run's file, from before the live run began
+    first.publish({"run_id": first.run_id})
+    live, crashed = new_run_id(), new_run_id()
+    marker = mark_running(Results(out), live)
+    empty = pa.Table.from_pylist([], schema=arrow_schema("failures"))
+    in_flight = RunCommit(Results(out), live).data_file_path("failures", "0")
+    abandoned = RunCommit(Results(out), crashed).data_file_path("failures", "0")
+    hour_ago = time.time() - 3600
+    for path in (in_flight, abandoned):
+        storage.write_parquet(path, empty)
+        os.utime(path, (hour_ago, hour_ago))  # long-running: its files are as old as those of a crashed run
+    os.utime(marker, (hour_ago - 10, hour_ago - 10))
 
     # When another run removes orphans with no grace period at all
     remove_orphans(Results(out), grace_s=0)

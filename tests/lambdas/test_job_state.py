@@ -204,6 +204,7 @@ def test_ec2_engine_runs_a_transient_cluster_with_one_step_under_a_timeout(aws, 
     assert step["ActionOnFailure"] == "TERMINATE_CLUSTER"
     args = step["Config"]["Args"]
     assert args[:5] == ["timeout", "180m", "spark-submit", "--deploy-mode", "cluster"]
+    assert step["Name"] == cluster["Name"] and cluster["Name"].startswith("image-features-run-")
     assert "--manifest" not in args and args[args.index("--input") + 1] == "s3://photos-eu/images/"
     [bootstrap] = aws.emr.list_bootstrap_actions(ClusterId=cluster["Id"])["BootstrapActions"]
     assert bootstrap["ScriptPath"] == "s3://photos-eu/artifacts/job/bootstrap.sh"
@@ -212,8 +213,12 @@ def test_ec2_engine_runs_a_transient_cluster_with_one_step_under_a_timeout(aws, 
     }
     assert groups["CORE"]["Market"] == "SPOT" and groups["MASTER"]["Market"] == "ON_DEMAND"
 
+    tags = {t["Key"]: t["Value"] for t in described["Tags"]}
+    assert tags["for-use-with-amazon-emr-managed-policies"] == "true"  # AmazonEMRServicePolicy_v2 needs it
+
     # A retried start for the same run finds the cluster instead of making a second one
-    assert trigger.PIPELINE.launcher.start(step["Name"]) == cluster["Id"]
+    run_id = state_item(aws)["run"]["M"]["run_id"]["S"]
+    assert trigger.PIPELINE.launcher.start(run_id) == cluster["Id"]
     assert len(aws.emr.list_clusters()["Clusters"]) == 1
 
 

@@ -9,68 +9,21 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from cfnlint.decode import decode
 
-ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE, _ = decode(str(ROOT / "template.yaml"))
-RESOURCES = TEMPLATE["Resources"]
+from tests.template.cfn import (
+    ENGINES,
+    MODES,
+    RESOURCES,
+    ROOT,
+    TEMPLATE,
+    arn_text,
+    as_list,
+    identity_statements,
+    resolve,
+)
+
 BIN = Path(sys.executable).parent
 SAM = ROOT / ".venv-sam" / "bin" / "sam"
-ENGINES = [{"IsServerless": True, "IsEc2": False}, {"IsServerless": False, "IsEc2": True}]
-MODES = [{"UseKms": True}, {"UseKms": False}]
-NO_VALUE = object()
-
-
-def resolve(node, conditions: dict):
-    """Evaluate Fn::If for one set of condition values and drop AWS::NoValue, like CloudFormation does."""
-    if isinstance(node, dict):
-        if set(node) == {"Fn::If"}:
-            name, yes, no = node["Fn::If"]
-            return resolve(yes if conditions.get(name, True) else no, conditions)
-        if node == {"Ref": "AWS::NoValue"}:
-            return NO_VALUE
-        out = {k: resolve(v, conditions) for k, v in node.items()}
-        return {k: v for k, v in out.items() if v is not NO_VALUE}
-    if isinstance(node, list):
-        return [v for v in (resolve(x, conditions) for x in node) if v is not NO_VALUE]
-    return node
-
-
-def as_list(value):
-    return value if isinstance(value, list) else [value]
-
-
-def identity_statements(conditions: dict) -> dict:
-    """Every Allow/Deny statement of the IAM identity policies the stack creates, by owner."""
-    out = {}
-    for name, res in RESOURCES.items():
-        if res.get("Condition") and not conditions.get(res["Condition"], True):
-            continue
-        props = resolve(res.get("Properties", {}), conditions)
-        docs = []
-        if res["Type"] == "AWS::Serverless::Function":
-            for policy in props.get("Policies", []):
-                if isinstance(policy, dict) and "Ref" in policy:  # a managed policy of this template
-                    managed = resolve(RESOURCES[policy["Ref"]]["Properties"], conditions)
-                    docs.append(managed["PolicyDocument"])
-                elif isinstance(policy, dict):
-                    docs.append(policy)
-        elif res["Type"] == "AWS::IAM::Role":
-            docs = [p["PolicyDocument"] for p in props.get("Policies", [])]
-        elif res["Type"] == "AWS::IAM::ManagedPolicy":
-            docs = [props["PolicyDocument"]]
-        out[name] = [s for doc in docs for s in as_list(doc["Statement"])]
-    return out
-
-
-def arn_text(resource) -> str:
-    if isinstance(resource, dict) and "Fn::Sub" in resource:
-        return resource["Fn::Sub"]
-    if isinstance(resource, dict) and "Fn::GetAtt" in resource:
-        return "${" + ".".join(as_list(resource["Fn::GetAtt"])) + "}"
-    if isinstance(resource, dict) and "Ref" in resource:
-        return "${" + resource["Ref"] + "}"
-    return str(resource)
 
 
 # --- tools ---------------------------------------------------------------------------------------------
@@ -222,20 +175,68 @@ def test_runtime_role_reads_images_and_artifacts_writes_results_and_logs_only():
 def test_pass_role_only_on_the_job_roles_and_only_to_emr(conditions, roles, services):
     for owner, statements in identity_statements(conditions).items():
         for s in statements:
-            if "iam:PassRole" in as_list(s["Action"]):
-                assert owner in ("TriggerFunction", "JobStateFunction", "RunControlPolicy")
-                assert {arn_text(r) for r in as_list(s["Resource"])} == roles
-                assert s["Condition"] == {"StringEquals": {"iam:PassedToService": services}}
+            if "iam:PassRole" not in as_list(s["Action"]):
+                continue
+            if owner == "EmrServiceRole":  # EMR passes the instance role to EC2 when it launches the cluster
+                assert {arn_text(r) for r in as_list(s["Resource"])} == {"${EmrInstanceRole.Arn}"}
+                assert s["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+                continue
+            assert owner in ("TriggerFunction", "JobStateFunction", "RunControlPolicy")
+            assert {arn_text(r) for r in as_list(s["Resource"])} == roles
+            assert s["Condition"] == {"StringEquals": {"iam:PassedToService": services}}
+
+
+def test_ec2_instance_profile_carries_its_role_name_and_the_service_role_may_pass_it():
+    # EMR refuses an instance profile named otherwise than its role (management guide, emr-iam-roles-custom);
+    # AmazonEMRServicePolicy_v2 passes only EMR_EC2_DefaultRole, so the service role gets its own grant.
+    profile = RESOURCES["EmrInstanceProfile"]["Properties"]
+    assert profile["InstanceProfileName"] == {"Ref": "EmrInstanceRole"} and profile["Roles"] == [
+        {"Ref": "EmrInstanceRole"}
+    ]
+    [grant] = identity_statements(ENGINES[1])["EmrServiceRole"]
+    assert grant["Action"] == "iam:PassRole" and arn_text(grant["Resource"]) == "${EmrInstanceRole.Arn}"
+    # ... and a stack with Engine=ec2 must be given a subnet (tagged for the managed policy, docs/DEPLOY.md)
+    rule = TEMPLATE["Rules"]["Ec2NeedsATaggedSubnet"]
+    assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "Engine"}, "ec2"]}
+    assert "for-use-with-amazon-emr-managed-policies" in rule["Assertions"][0]["AssertDescription"]
+
+
+def test_state_rules_match_only_this_stacks_runs():
+    events = RESOURCES["JobStateFunction"]["Properties"]["Events"]
+    serverless = events["ServerlessRunEnded"]["Properties"]["Pattern"]["detail"]
+    assert resolve(serverless["applicationId"], ENGINES[0]) == [{"Ref": "EmrApplication"}]
+    for name in ("ClusterStepEnded", "ClusterEndedWithErrors"):
+        assert events[name]["Properties"]["Pattern"]["detail"]["name"] == [
+            {"prefix": {"Fn::Sub": "image-features-${Stage}-run-"}}
+        ]
+    # the launcher names clusters and steps with that prefix
+    env = TEMPLATE["Globals"]["Function"]["Environment"]["Variables"]
+    assert env["RUN_NAME_PREFIX"] == {"Fn::Sub": "image-features-${Stage}"}
+
+
+@pytest.mark.parametrize("kms", [True, False], ids=["kms", "s3"])
+def test_cloudwatch_alarms_can_publish_to_the_alert_topic(kms):
+    # A topic under the AWS-managed aws/sns key refuses alarm notifications (AWS knowledge center,
+    # cloudwatch-receive-sns-for-alarm-trigger): a customer key that lets CloudWatch use it, or none.
+    topic = resolve(RESOURCES["AlertTopic"]["Properties"], {"UseKms": kms})
+    if not kms:
+        assert "KmsMasterKeyId" not in topic
+        return
+    assert topic["KmsMasterKeyId"] == {"Ref": "DataKey"}
+    statements = RESOURCES["DataKey"]["Properties"]["KeyPolicy"]["Statement"]
+    grants = [s for s in statements if "cloudwatch.amazonaws.com" in as_list(s["Principal"].get("Service", []))]
+    assert grants and {"kms:Decrypt", "kms:GenerateDataKey*"} <= set(grants[0]["Action"])
 
 
 # The AWS calls each function's code makes (boto3 and Powertools), per engine.
 COMMON = {"dynamodb:GetItem", "dynamodb:UpdateItem", "kms:Decrypt", "kms:GenerateDataKey", "iam:PassRole",
-          "sns:Publish", "sqs:SendMessage"}  # fmt: skip
+          "sns:Publish"}  # fmt: skip
 START = {
     "serverless": {"emr-serverless:StartJobRun", "emr-serverless:TagResource", "emr-serverless:GetJobRun",
                    "emr-serverless:ListJobRuns"},
     "ec2": {"elasticmapreduce:RunJobFlow", "elasticmapreduce:ListClusters", "elasticmapreduce:AddTags",
-            "elasticmapreduce:DescribeCluster", "elasticmapreduce:ListSteps"},
+            "elasticmapreduce:DescribeCluster", "elasticmapreduce:ListSteps",
+            "elasticmapreduce:PutAutoTerminationPolicy"},
 }  # fmt: skip
 
 
@@ -246,7 +247,8 @@ def test_each_function_holds_only_the_actions_it_calls(engine):
     granted = {
         f: {a for s in statements[f] for a in as_list(s["Action"])} for f in ("TriggerFunction", "JobStateFunction")
     }
-    assert granted["TriggerFunction"] == granted["JobStateFunction"] == COMMON | START[engine]
+    assert granted["TriggerFunction"] == COMMON | START[engine] | {"sqs:SendMessage"}  # ticks, dead letters
+    assert granted["JobStateFunction"] == COMMON | START[engine]
 
 
 # --- wiring ------------------------------------------------------------------------------------------
@@ -293,8 +295,15 @@ def test_job_state_function_follows_emr_state_changes_and_the_schedules():
     assert {json.loads(i)["action"] for i in schedules} == {"reconcile", "daily"}
     assert events["Reconcile"]["Properties"]["ScheduleExpression"] == {"Fn::Sub": "rate(${ReconcileMinutes} minutes)"}
     # Events it failed on, after Lambda's retries, are kept and alarmed on
-    destination = function["EventInvokeConfig"]["DestinationConfig"]["OnFailure"]
-    assert destination == {"Type": "SQS", "Destination": {"Fn::GetAtt": ["JobStateDeadLetterQueue", "Arn"]}}
+    assert function["DeadLetterQueue"] == {
+        "Type": "SQS",
+        "TargetArn": {"Fn::GetAtt": ["JobStateDeadLetterQueue", "Arn"]},
+    }
+    assert function["EventInvokeConfig"] == {"MaximumRetryAttempts": 2}
+    alarm = RESOURCES["JobStateDeadLetterAlarm"]["Properties"]
+    assert alarm["Dimensions"] == [
+        {"Name": "QueueName", "Value": {"Fn::GetAtt": ["JobStateDeadLetterQueue", "QueueName"]}}
+    ]
 
 
 def test_emr_serverless_application_is_cheap_when_idle():
