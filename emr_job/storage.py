@@ -66,6 +66,10 @@ def io_properties() -> dict:
     if os.environ.get("AWS_ENDPOINT_URL"):
         props["s3.endpoint"] = os.environ["AWS_ENDPOINT_URL"]
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region:  # else pyarrow asks the bucket for its region: HeadBucket, which the job role may not do
+        import boto3
+
+        region = boto3.session.Session().region_name
     if region:
         props["s3.region"] = region
     return props

@@ -40,6 +40,9 @@ def moto_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     yield f"http://127.0.0.1:{port}"
+    import requests
+
+    requests.post(f"http://127.0.0.1:{port}/moto-api/reset", timeout=10)  # in-process: backends are shared
     server.stop()
 
 

@@ -54,6 +54,7 @@ def test_sam_build_packages_both_functions(sam_env, tmp_path):
         assert (build / function / handler).is_file()
         assert (build / function / "pipeline" / "control.py").is_file()
         assert (build / function / "aws_lambda_powertools").is_dir()
+        assert (build / function / "boto3").is_dir()  # the SDK the code is tested with, not the runtime's
 
 
 # --- storage security and GDPR ------------------------------------------------------------------------
