@@ -8,11 +8,17 @@ python -m emr_job.package overrides --config-env ENV [--image URI]
                                                   samconfig.toml's parameter overrides, plus the image
 python -m emr_job.package upload --config-env ENV --weights FILE [DIST]
                                                   copy the artifacts to the stack's artifacts/ prefix
+python -m emr_job.package image --config-env ENV --tag TAG [--dry-run]
+                                                  the EMR Serverless job image: ECR repository (made once,
+                                                  EMR Serverless allowed to pull), docker build for the
+                                                  application's architecture, push; prints the image URI
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import shutil
 import sys
@@ -30,6 +36,8 @@ ARTIFACTS = {
     "constraints.txt": "job/constraints.txt",
 }
 WEIGHTS_KEY = "model/mobilenet_v2.weights.h5"
+REPOSITORY = "image-features"
+PLATFORMS = {"X86_64": "linux/amd64", "ARM64": "linux/arm64"}  # EMR Serverless Architecture -> docker --platform
 
 
 class DeployError(RuntimeError):
@@ -122,6 +130,68 @@ def upload(config_env: str, weights: str, dist: str = "dist") -> list:
     return done
 
 
+def application_architecture() -> str:
+    """The EmrApplication's Architecture in template.yaml: the image must be built for it."""
+    from cfnlint.decode import decode
+
+    template, _ = decode(str(ROOT / "template.yaml"))
+    return template["Resources"]["EmrApplication"]["Properties"]["Architecture"]
+
+
+def pull_policy(region: str, account: str) -> dict:
+    """EMR Serverless applications of this account may pull (EMR Serverless user guide, application-custom-image)."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "EmrServerlessCustomImageSupport",
+                "Effect": "Allow",
+                "Principal": {"Service": "emr-serverless.amazonaws.com"},
+                "Action": ["ecr:BatchGetImage", "ecr:DescribeImages", "ecr:GetDownloadUrlForLayer"],
+                "Condition": {
+                    "StringEquals": {"aws:SourceAccount": account},
+                    "ArnLike": {"aws:SourceArn": f"arn:aws:emr-serverless:{region}:{account}:/applications/*"},
+                },
+            }
+        ],
+    }
+
+
+def image(config_env: str, tag: str, dry_run: bool = False, run=None) -> str:
+    """Make (once) the ECR repository, build the job image for the application's architecture, push it."""
+    import base64
+    import subprocess
+
+    import boto3
+
+    region = samconfig(config_env)["region"]
+    account = boto3.client("sts", region_name=region).get_caller_identity()["Account"]
+    ecr = boto3.client("ecr", region_name=region)
+    with contextlib.suppress(ecr.exceptions.RepositoryAlreadyExistsException):  # made by an earlier call
+        ecr.create_repository(
+            repositoryName=REPOSITORY,
+            imageTagMutability="IMMUTABLE",  # an image a stack runs can never change under it
+            imageScanningConfiguration={"scanOnPush": True},
+        )
+    ecr.set_repository_policy(repositoryName=REPOSITORY, policyText=json.dumps(pull_policy(region, account)))
+    registry = f"{account}.dkr.ecr.{region}.amazonaws.com"
+    uri = f"{registry}/{REPOSITORY}:{tag}"
+    platform = PLATFORMS[application_architecture()]
+    commands = [
+        ["docker", "build", "--platform", platform, "-f", "emr_job/Dockerfile", "-t", uri, "."],
+        ["docker", "push", uri],
+    ]
+    run = run or (lambda cmd, **kw: subprocess.run(cmd, check=True, cwd=ROOT, **kw))
+    if dry_run:
+        run = lambda cmd, **kw: print("$", " ".join(cmd))  # noqa: E731
+    token = ecr.get_authorization_token()["authorizationData"][0]["authorizationToken"]
+    password = base64.b64decode(token).decode().split(":", 1)[1]
+    run(["docker", "login", "--username", "AWS", "--password-stdin", registry], input=password.encode())
+    for command in commands:
+        run(command)
+    return uri
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +208,10 @@ def main(argv=None) -> int:
     up.add_argument("--config-env", default="default")
     up.add_argument("--weights", required=True)
     up.add_argument("dist", nargs="?", default="dist")
+    img = sub.add_parser("image")
+    img.add_argument("--config-env", default="default")
+    img.add_argument("--tag", required=True)
+    img.add_argument("--dry-run", action="store_true", help="print the docker commands instead of running them")
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
@@ -149,6 +223,8 @@ def main(argv=None) -> int:
             print("deploy check passed: weights load into MobileNetV2; engine has what it needs")
         elif args.command == "overrides":
             print(overrides(args.config_env, args.image))
+        elif args.command == "image":
+            print(f"IMAGE_URI={image(args.config_env, args.tag, args.dry_run)}")
         else:
             print("\n".join(upload(args.config_env, args.weights, args.dist)))
     except DeployError as exc:

@@ -67,3 +67,30 @@ def test_upload_puts_artifacts_where_the_launchers_look(tmp_path, weights_file, 
         assert set(uploaded) == needed
         for uri in needed:
             s3.head_object(Bucket="image-features-dev-1", Key=uri.split("/", 3)[3])
+
+
+def test_image_makes_a_repository_emr_serverless_may_pull_and_builds_for_the_applications_architecture():
+    # Given an account with no repository yet
+    commands = []
+    with mock_aws():
+        # When `make image` runs (docker itself is recorded, not run: there is no Docker engine here)
+        uri = package.image("dev", "42", run=lambda cmd, **kw: commands.append(cmd))
+        again = package.image("dev", "43", run=lambda cmd, **kw: None)  # the repository already exists: fine
+
+        # Then the repository exists, immutable and scanned, and lets this account's EMR Serverless apps pull
+        ecr = boto3.client("ecr", region_name="eu-west-3")
+        [repo] = ecr.describe_repositories(repositoryNames=["image-features"])["repositories"]
+        assert repo["imageTagMutability"] == "IMMUTABLE" and repo["imageScanningConfiguration"]["scanOnPush"]
+        import json
+
+        policy = json.loads(ecr.get_repository_policy(repositoryName="image-features")["policyText"])
+    [statement] = policy["Statement"]
+    assert statement["Principal"] == {"Service": "emr-serverless.amazonaws.com"}
+    assert set(statement["Action"]) == {"ecr:BatchGetImage", "ecr:DescribeImages", "ecr:GetDownloadUrlForLayer"}
+    assert statement["Condition"]["ArnLike"]["aws:SourceArn"].endswith(":/applications/*")
+    assert uri == "123456789012.dkr.ecr.eu-west-3.amazonaws.com/image-features:42" and again.endswith(":43")
+    # ... and the image is built for the architecture template.yaml gives the application, then pushed
+    login, build, push = commands
+    assert login[:2] == ["docker", "login"] and push == ["docker", "push", uri]
+    platform = build[build.index("--platform") + 1]
+    assert platform == package.PLATFORMS[package.application_architecture()] == "linux/amd64"
