@@ -21,7 +21,7 @@ SAM := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup sam-setup scan-setup run sample test bench lint invoke package weights image deploy clean
+.PHONY: setup sam-setup scan-setup run sample test bench lint invoke demo demo-up package weights image deploy clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt emr_job/requirements.txt lambdas/requirements.txt constraints.txt
@@ -66,6 +66,13 @@ bench: setup
 
 invoke: setup
 	$(PY) tests/local_invoke.py $(EVENT)
+
+# The deployed flow on this machine: template.yaml's resources on a moto server, the functions, a local EMR.
+demo: setup
+	$(PY) -m tests.localstack demo $(ARGS)
+
+demo-up: setup
+	$(PY) -m tests.localstack up $(ARGS)
 
 package: setup
 	$(PY) -m emr_job.package build dist

@@ -129,7 +129,7 @@ def test_every_kind_of_change_under_images_reaches_the_queue():
 def test_region_is_eu_west_3_by_default_and_eu_only():
     config = tomllib.loads((ROOT / "samconfig.toml").read_text())
     assert {env: c["global"]["parameters"]["region"] for env, c in config.items() if env != "version"} == {
-        "default": "eu-west-3", "dev": "eu-west-3", "prod": "eu-west-3",
+        "default": "eu-west-3", "dev": "eu-west-3", "prod": "eu-west-3", "local": "eu-west-3",
     }  # fmt: skip
     regions = TEMPLATE["Rules"]["EuropeanRegion"]["Assertions"][0]["Assert"]["Fn::Contains"][0]
     assert all(r.startswith("eu-") for r in regions) and "eu-west-3" in regions
@@ -273,14 +273,12 @@ def test_queue_feeds_the_trigger_with_partial_failures_and_a_dead_letter_queue()
     trigger = RESOURCES["TriggerFunction"]["Properties"]
     source = trigger["Events"]["Uploads"]["Properties"]
     assert source["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
-    assert source["BatchSize"] == 10000 and source["MaximumBatchingWindowInSeconds"] > 0
+    window = TEMPLATE["Parameters"]["BatchingWindowSeconds"]
+    assert source["BatchSize"] == 10000 and source["MaximumBatchingWindowInSeconds"] == {"Ref": "BatchingWindowSeconds"}
     # Reserved concurrency would throttle the pollers and dead-letter uploads; MaximumConcurrency caps them
     assert "ReservedConcurrentExecutions" not in trigger and source["ScalingConfig"]["MaximumConcurrency"] >= 2
     # Lambda needs visibility >= 6 x timeout for SQS sources; the window adds to it
-    assert (
-        queue["VisibilityTimeout"]
-        >= 6 * TEMPLATE["Globals"]["Function"]["Timeout"] + source["MaximumBatchingWindowInSeconds"]
-    )
+    assert queue["VisibilityTimeout"] >= 6 * TEMPLATE["Globals"]["Function"]["Timeout"] + window["MaxValue"]
 
 
 def test_job_state_function_follows_emr_state_changes_and_the_schedules():

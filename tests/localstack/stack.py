@@ -1,0 +1,613 @@
+"""The deployed stack on one machine: a moto server holding every resource template.yaml declares, the
+functions it names invoked as Lambda would invoke them, and an EMR Serverless that runs the real job.
+
+What is emulated, and how it differs from AWS, is in docs/LOCAL.md."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import importlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+from tests.localstack.template import ACCOUNT, REGION, ROOT, Template
+
+PY = sys.executable
+FUNCTION_CONTEXT = SimpleNamespace(function_name="local", memory_limit_in_mb=512, aws_request_id="local",
+                                   invoked_function_arn=f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:local",
+                                   get_remaining_time_in_millis=lambda: 120000)  # fmt: skip
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Function:
+    name: str
+    handler: str  # module.attribute, relative to lambdas/
+    env: dict
+    events: dict  # template Events, resolved
+    module: object = None
+    sqs: dict = None  # its SQS event source, if any
+    dlq: str = None  # its dead-letter queue URL, if any
+
+
+@dataclass
+class JobRun:
+    job_id: str
+    name: str
+    driver: dict
+    timeout_min: int
+    log_uri: str
+    state: str = "SUBMITTED"
+    process: subprocess.Popen = None
+    started: float = field(default_factory=time.time)
+
+
+class LocalStack:
+    """Start with start(); stop with stop(). log: where the live log lines go."""
+
+    def __init__(self, config_env: str = "local", log=print, workdir: str | None = None, overrides: dict = None):
+        self.template = Template(config_env, overrides)
+        self.log = log
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="image-features-local-"))
+        self.functions: dict = {}
+        self.rules: list = []  # (function, event name, pattern, retry policy)
+        self.schedules: list = []  # (function, event name, seconds between, input)
+        self.jobs: dict = {}
+        self.drop_end_event_of: set = set()  # job ids whose end event is "lost" (tests)
+        self._stop = threading.Event()
+        self._threads: list = []
+        self._lock = threading.RLock()  # one function invocation at a time, as reserved concurrency would not
+        self.events_seen = 0
+        self.queue_urls: dict = {}  # ARN -> URL
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> LocalStack:
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
+        self.server.start()
+        os.environ.update(AWS_ENDPOINT_URL=self.endpoint, AWS_DEFAULT_REGION=REGION, AWS_REGION=REGION)
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+        _documented_s3_notifications()
+        self._create_resources()
+        return self
+
+    def serve(self, timers: bool = True) -> None:
+        """Run the event source poller, the schedules (unless a test fires them itself) and the EMR runner."""
+        for target in (self._poll_queue, self._run_jobs) + ((self._run_schedules,) if timers else ()):
+            thread = threading.Thread(target=target, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for job in self.jobs.values():
+            if job.process and job.process.poll() is None:
+                job.process.kill()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        with contextlib.suppress(Exception):
+            self.server.stop()
+
+    def client(self, service: str):
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.endpoint, region_name=REGION)
+
+    # --- resources, from template.yaml ----------------------------------------------------------------------
+    def _create_resources(self) -> None:
+        t = self.template
+        for logical, resource in t.resources():
+            kind = resource["Type"]
+            props = t.value(resource.get("Properties", {}))
+            create = CREATORS.get(kind)
+            if create is None:
+                raise NotImplementedError(f"the local stack cannot create {kind} ({logical}): add it to CREATORS")
+            create(self, logical, props)
+        self.bucket = t.values["DataBucket"]
+        self.outputs = {name: t.value(o["Value"]) for name, o in t.doc["Outputs"].items()
+                        if not o.get("Condition") or t.conditions[o["Condition"]]}  # fmt: skip
+        # A CloudFormation stack with the outputs, so `emr_job.package upload` finds ArtifactsUri as after a deploy.
+        body = {"Resources": {"Placeholder": {"Type": "AWS::SQS::Queue"}},
+                "Outputs": {k: {"Value": str(v)} for k, v in self.outputs.items()}}  # fmt: skip
+        stack_name = f"image-features-{t.parameters['Stage']}"
+        self.client("cloudformation").create_stack(StackName=stack_name, TemplateBody=json.dumps(body))
+
+    def _function(self, logical: str, props: dict) -> None:
+        t = self.template
+        globals_ = t.value(t.doc["Globals"]["Function"])
+        env = {**globals_["Environment"]["Variables"], **props.get("Environment", {}).get("Variables", {})}
+        env = {k: str(v) for k, v in env.items()}
+        fn = Function(logical, props.get("Handler", globals_.get("Handler")), env, props.get("Events", {}))
+        self.functions[logical] = fn
+        t.values[logical] = f"image-features-{t.parameters['Stage']}-{logical}"
+        for name, event in fn.events.items():
+            p = event.get("Properties", {})
+            if event["Type"] == "EventBridgeRule":
+                self.rules.append((fn, name, p["Pattern"], p.get("RetryPolicy", {})))
+            elif event["Type"] == "ScheduleV2":
+                self.schedules.append((fn, name, schedule_seconds(p["ScheduleExpression"]), json.loads(p["Input"])))
+            elif event["Type"] == "SQS":
+                fn.sqs = p
+
+    # --- functions ----------------------------------------------------------------------------------------
+    def invoke(self, logical: str, event: dict) -> dict:
+        """Run a function's handler as Lambda would: its environment, a cold start the first time."""
+        fn = self.functions[logical]
+        with self._lock, open(self.workdir / "functions.log", "a") as logs, contextlib.redirect_stdout(logs):
+            os.environ.update(fn.env)
+            if fn.module is None:
+                sys.path.insert(0, str(ROOT / "lambdas"))
+                for name in [m for m in sys.modules if m.split(".")[0] in ("trigger", "job_state", "pipeline")]:
+                    del sys.modules[name]
+                fn.module = importlib.import_module(fn.handler.rsplit(".", 1)[0].replace("/", "."))
+            handler = getattr(fn.module, fn.handler.rsplit(".", 1)[1])
+            return handler(event, FUNCTION_CONTEXT)
+
+    def invoke_async(self, logical: str, event: dict, retries: int = 2) -> None:
+        """Asynchronous invocation: retried on error, then sent to the function's dead-letter queue."""
+        for attempt in range(retries + 1):
+            try:
+                self.invoke(logical, event)
+                return
+            except Exception as exc:  # the function raised: Lambda retries
+                self.log(f"  {logical} failed (attempt {attempt + 1}): {type(exc).__name__}: {exc}")
+        dlq = self.functions[logical].dlq
+        if dlq:
+            self.client("sqs").send_message(QueueUrl=dlq, MessageBody=json.dumps(event))
+
+    # --- the SQS event source mapping -------------------------------------------------------------------------
+    def _poll_queue(self) -> None:
+        fn = next(f for f in self.functions.values() if f.sqs)
+        source = fn.sqs
+        sqs = self.client("sqs")
+        arn = source["Queue"]
+        url = self.queue_urls[arn]
+        window, size = float(source.get("MaximumBatchingWindowInSeconds", 0)), int(source.get("BatchSize", 10))
+        while not self._stop.is_set():
+            batch, first = [], None
+            while len(batch) < size and not self._stop.is_set():
+                got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=min(10, size - len(batch)),
+                                          WaitTimeSeconds=1, AttributeNames=["All"]).get("Messages", [])  # fmt: skip
+                batch += got
+                first = first or (time.time() if batch else None)
+                if batch and (not got or time.time() - first >= window):
+                    break
+            if not batch:
+                continue
+            self.events_seen += len(batch)
+            event = {"Records": [sqs_record(m, arn) for m in batch]}
+            try:
+                failed = {f["itemIdentifier"] for f in self.invoke(fn.name, event).get("batchItemFailures", [])}
+            except Exception as exc:  # the whole batch comes back after the visibility timeout
+                self.log(f"  trigger failed: {type(exc).__name__}: {exc}")
+                continue
+            done = [m for m in batch if m["MessageId"] not in failed]
+            for start in range(0, len(done), 10):
+                sqs.delete_message_batch(
+                    QueueUrl=url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                        for i, m in enumerate(done[start : start + 10])
+                    ],
+                )
+
+    # --- schedules and the event bus ------------------------------------------------------------------------
+    def _run_schedules(self) -> None:
+        due = {(fn.name, name): time.time() + seconds for fn, name, seconds, _ in self.schedules}
+        while not self._stop.wait(1):
+            for fn, name, seconds, payload in self.schedules:
+                if time.time() >= due[(fn.name, name)]:
+                    due[(fn.name, name)] = time.time() + seconds
+                    self.invoke_async(fn.name, payload)
+
+    def fire_schedule(self, name: str) -> None:
+        fn, _, _, payload = next(s for s in self.schedules if s[1] == name)
+        self.invoke_async(fn.name, payload)
+
+    def emit(self, event: dict) -> int:
+        """Put an event on the bus: every rule whose pattern matches delivers it. Returns how many did."""
+        from moto.events.models import EventPattern
+
+        delivered = 0
+        for fn, _, pattern, retry in self.rules:
+            if EventPattern.load(json.dumps(pattern)).matches_event(event):
+                self.invoke_async(fn.name, event, retries=min(2, retry.get("MaximumRetryAttempts", 2)))
+                delivered += 1
+        return delivered
+
+    # --- EMR Serverless ----------------------------------------------------------------------------------------
+    def _run_jobs(self) -> None:
+        emr = self.client("emr-serverless")
+        app = self.template.values["EmrApplication"]
+        while not self._stop.wait(1):
+            with contextlib.suppress(emr.exceptions.ResourceNotFoundException):  # moto: no runs yet
+                for summary in emr.list_job_runs(applicationId=app)["jobRuns"]:
+                    if summary["id"] not in self.jobs:
+                        run = emr.get_job_run(applicationId=app, jobRunId=summary["id"])["jobRun"]
+                        monitoring = run.get("configurationOverrides", {}).get("monitoringConfiguration", {})
+                        job = JobRun(run["jobRunId"], run.get("name", ""), run["jobDriver"]["sparkSubmit"],
+                                     run.get("executionTimeoutMinutes") or 720,
+                                     monitoring.get("s3MonitoringConfiguration", {}).get("logUri", ""))  # fmt: skip
+                        self.jobs[job.job_id] = job
+                        self._set_state(job, "SUBMITTED")
+                        threading.Thread(target=self._execute, args=(job,), daemon=True).start()
+
+    def _execute(self, job: JobRun) -> None:
+        """Run exactly the job driver StartJobRun was given, with spark-submit on a local master."""
+        folder = self.workdir / job.job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        entry = self._fetch(job.driver["entryPoint"], folder)
+        args = [entry if a == job.driver["entryPoint"] else a for a in job.driver.get("entryPointArguments", [])]
+        submit = local_submit_parameters(
+            job.driver.get("sparkSubmitParameters", ""), lambda uri: self._fetch(uri, folder)
+        )
+        command = [str(Path(PY).parent / "spark-submit"), "--master", "local[2]", *submit, entry, *args]
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYSPARK")},
+               "PYSPARK_PYTHON": PY, "TF_CPP_MIN_LOG_LEVEL": "2", "AWS_ENDPOINT_URL": self.endpoint}  # fmt: skip
+        for name in [n for n in env if n in self.template.doc["Globals"]["Function"]["Environment"]["Variables"]]:
+            del env[name]  # the job sees EMR's environment, not the functions'
+        self._set_state(job, "RUNNING")
+        stdout, stderr = folder / "stdout", folder / "stderr"
+        with open(stdout, "wb") as out, open(stderr, "wb") as err:
+            job.process = subprocess.Popen(command, cwd=folder, env=env, stdout=out, stderr=subprocess.PIPE)
+            for line in job.process.stderr:
+                err.write(line)
+                text = line.decode(errors="replace").rstrip()
+                if " INFO emr_job: " in text or text.lstrip().startswith("partition "):
+                    self.log(f"  [job {job.job_id[:8]}] {text.split(' INFO emr_job: ')[-1].strip()}")
+            try:
+                code = job.process.wait(timeout=job.timeout_min * 60)
+            except subprocess.TimeoutExpired:
+                job.process.kill()
+                code = None
+        self._keep_logs(job, stdout, stderr)
+        if code == 0:
+            self._set_state(job, "SUCCESS")
+        else:
+            detail = (
+                "Job run timed out."
+                if code is None
+                else (f"Job failed, please check complete logs in configured logging destination. ExitCode: {code}.")
+            )
+            self._set_state(job, "FAILED", detail)
+
+    def _fetch(self, uri: str, folder: Path) -> str:
+        bucket, key = uri[len("s3://") :].split("/", 1)
+        path = folder / key.rsplit("/", 1)[-1]
+        self.client("s3").download_file(bucket, key, str(path))
+        return str(path)
+
+    def _keep_logs(self, job: JobRun, stdout: Path, stderr: Path) -> None:
+        """As EMR Serverless does: <logUri>/applications/<app>/jobs/<job>/SPARK_DRIVER/std{out,err}.gz."""
+        if not job.log_uri:
+            return
+        bucket, prefix = job.log_uri[len("s3://") :].split("/", 1)
+        app = self.template.values["EmrApplication"]
+        for path in (stdout, stderr):
+            key = f"{prefix.rstrip('/')}/applications/{app}/jobs/{job.job_id}/SPARK_DRIVER/{path.name}.gz"
+            self.client("s3").put_object(Bucket=bucket, Key=key, Body=gzip.compress(path.read_bytes()))
+
+    def _set_state(self, job: JobRun, state: str, detail: str = "") -> None:
+        from moto.emrserverless.models import emrserverless_backends
+
+        previous, job.state = job.state, state
+        app = self.template.values["EmrApplication"]
+        for run in emrserverless_backends[ACCOUNT][REGION].job_runs.get(app, []):
+            if run.id == job.job_id:
+                run.state, run.state_details = state, detail
+        self.log(f"EMR Serverless job {job.job_id[:8]} ({job.name}): {state}{' - ' + detail if detail else ''}")
+        lost = job.job_id in self.drop_end_event_of or "*" in self.drop_end_event_of
+        if state in ("SUCCESS", "FAILED", "CANCELLED") and lost:
+            self.log(f"  (its state change event is lost on purpose: job {job.job_id[:8]})")
+            return
+        self.emit(job_state_event(app, job, state, previous, detail))
+
+
+# --- resource creators: one per type template.yaml uses ---------------------------------------------------
+def _kms_key(stack, logical, props):
+    key = stack.client("kms").create_key(Description=props.get("Description", ""))["KeyMetadata"]
+    stack.template.values[logical], stack.template.values[f"{logical}.Arn"] = key["KeyId"], key["Arn"]
+
+
+def _kms_alias(stack, logical, props):
+    stack.client("kms").create_alias(AliasName=props["AliasName"], TargetKeyId=props["TargetKeyId"])
+
+
+def _bucket(stack, logical, props):
+    s3, name = stack.client("s3"), props["BucketName"]
+    s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": REGION})
+    stack.template.values[logical], stack.template.values[f"{logical}.Arn"] = name, f"arn:aws:s3:::{name}"
+    s3.put_bucket_versioning(Bucket=name, VersioningConfiguration=props["VersioningConfiguration"])
+    rules = [  # CloudFormation's shape -> the API's
+        {
+            "ApplyServerSideEncryptionByDefault": r["ServerSideEncryptionByDefault"],
+            "BucketKeyEnabled": r["BucketKeyEnabled"],
+        }
+        for r in props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    ]
+    s3.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration={"Rules": rules})
+    s3.put_public_access_block(Bucket=name, PublicAccessBlockConfiguration=props["PublicAccessBlockConfiguration"])
+    rules = []
+    for rule in props["LifecycleConfiguration"]["Rules"]:
+        lifecycle = {"ID": rule["Id"], "Status": rule["Status"], "Filter": {"Prefix": rule.get("Prefix", "")}}
+        if "ExpirationInDays" in rule:
+            lifecycle["Expiration"] = {"Days": int(rule["ExpirationInDays"])}
+        if "NoncurrentVersionExpiration" in rule:
+            lifecycle["NoncurrentVersionExpiration"] = {
+                "NoncurrentDays": int(rule["NoncurrentVersionExpiration"]["NoncurrentDays"])
+            }
+        if rule.get("ExpiredObjectDeleteMarker"):
+            lifecycle.setdefault("Expiration", {})["ExpiredObjectDeleteMarker"] = True
+        rules.append(lifecycle)
+    s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": rules})
+    queues = [{"QueueArn": q["Queue"], "Events": [q["Event"]],
+               "Filter": {"Key": {"FilterRules": [{"Name": r["Name"], "Value": r["Value"]}
+                                                  for r in q["Filter"]["S3Key"]["Rules"]]}}}
+              for q in props["NotificationConfiguration"]["QueueConfigurations"]]  # fmt: skip
+    s3.put_bucket_notification_configuration(Bucket=name, NotificationConfiguration={"QueueConfigurations": queues})
+
+
+def _bucket_policy(stack, logical, props):
+    stack.client("s3").put_bucket_policy(
+        Bucket=props["Bucket"], Policy=json.dumps(_plain_http(props["PolicyDocument"]))
+    )
+
+
+def _plain_http(document: dict) -> dict:
+    """The moto server speaks plain HTTP on loopback: statements that refuse non-TLS requests are left out."""
+    kept = [s for s in document["Statement"] if "aws:SecureTransport" not in json.dumps(s.get("Condition", {}))]
+    return {
+        **document,
+        "Statement": kept
+        or [
+            {
+                "Effect": "Allow",
+                "Principal": {"AWS": ACCOUNT},
+                "Action": "s3:GetObject",
+                "Resource": "arn:aws:s3:::placeholder/*",
+            }
+        ],
+    }
+
+
+def _table(stack, logical, props):
+    name = f"image-features-{stack.template.parameters['Stage']}-{logical}"
+    ddb = stack.client("dynamodb")
+    ddb.create_table(TableName=name, KeySchema=props["KeySchema"], AttributeDefinitions=props["AttributeDefinitions"],
+                     BillingMode=props["BillingMode"])  # fmt: skip
+    arn = ddb.describe_table(TableName=name)["Table"]["TableArn"]
+    stack.template.values[logical], stack.template.values[f"{logical}.Arn"] = name, arn
+
+
+def _queue(stack, logical, props):
+    name = f"image-features-{stack.template.parameters['Stage']}-{logical}"
+    attributes = {k: str(props[k]) for k in ("VisibilityTimeout", "MessageRetentionPeriod") if k in props}
+    if "RedrivePolicy" in props:
+        attributes["RedrivePolicy"] = json.dumps(props["RedrivePolicy"])
+    sqs = stack.client("sqs")
+    url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"
+    values = stack.template.values
+    values[logical], values[f"{logical}.Arn"], values[f"{logical}.QueueName"] = url, arn, name
+    stack.queue_urls[arn] = url
+
+
+def _queue_policy(stack, logical, props):
+    for url in props["Queues"]:
+        stack.client("sqs").set_queue_attributes(
+            QueueUrl=url, Attributes={"Policy": json.dumps(_plain_http(props["PolicyDocument"]))}
+        )
+
+
+def _managed_policy(stack, logical, props):
+    name = f"image-features-{stack.template.parameters['Stage']}-{logical}"
+    arn = stack.client("iam").create_policy(PolicyName=name, PolicyDocument=json.dumps(props["PolicyDocument"]))
+    stack.template.values[logical] = arn["Policy"]["Arn"]
+
+
+def _role(stack, logical, props):
+    name = f"image-features-{stack.template.parameters['Stage']}-{logical}"
+    iam = stack.client("iam")
+    role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(props["AssumeRolePolicyDocument"]))
+    for arn in props.get("ManagedPolicyArns", []):
+        if arn.startswith(f"arn:aws:iam::{ACCOUNT}:"):  # the stack's own; AWS-managed ones are not in moto
+            iam.attach_role_policy(RoleName=name, PolicyArn=arn)
+    for policy in props.get("Policies", []):
+        iam.put_role_policy(RoleName=name, PolicyName=policy["PolicyName"],
+                            PolicyDocument=json.dumps(policy["PolicyDocument"]))  # fmt: skip
+    stack.template.values[logical], stack.template.values[f"{logical}.Arn"] = name, role["Role"]["Arn"]
+
+
+def _instance_profile(stack, logical, props):
+    iam = stack.client("iam")
+    iam.create_instance_profile(InstanceProfileName=props["InstanceProfileName"])
+    for role in props["Roles"]:
+        iam.add_role_to_instance_profile(InstanceProfileName=props["InstanceProfileName"], RoleName=role)
+    stack.template.values[logical] = props["InstanceProfileName"]
+
+
+def _log_group(stack, logical, props):
+    stack.client("logs").create_log_group(logGroupName=props["LogGroupName"])
+    stack.template.values[logical] = props["LogGroupName"]
+
+
+def _application(stack, logical, props):
+    app = stack.client("emr-serverless").create_application(name=props["Name"], releaseLabel=props["ReleaseLabel"],
+                                                            type="SPARK")  # fmt: skip
+    values = stack.template.values
+    values[logical], values[f"{logical}.Arn"] = app["applicationId"], app["arn"]
+
+
+def _topic(stack, logical, props):
+    name = f"image-features-{stack.template.parameters['Stage']}-{logical}"
+    arn = stack.client("sns").create_topic(Name=name)["TopicArn"]
+    stack.template.values[logical], stack.template.values[f"{logical}.TopicName"] = arn, name
+    # An inbox standing in for the email subscription: the demo prints what would be mailed.
+    sqs = stack.client("sqs")
+    inbox = sqs.create_queue(QueueName=f"{name}-inbox")["QueueUrl"]
+    inbox_arn = sqs.get_queue_attributes(QueueUrl=inbox, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    stack.client("sns").subscribe(TopicArn=arn, Protocol="sqs", Endpoint=inbox_arn,
+                                  Attributes={"RawMessageDelivery": "true"})  # fmt: skip
+    stack.alert_inbox = inbox
+
+
+def _alarm(stack, logical, props):
+    keep = {k: props[k] for k in ("AlarmDescription", "Namespace", "MetricName", "Dimensions", "Statistic", "Period",
+                                  "EvaluationPeriods", "Threshold", "ComparisonOperator", "TreatMissingData",
+                                  "AlarmActions") if k in props}  # fmt: skip
+    keep["Dimensions"] = [{"Name": d["Name"], "Value": str(d["Value"])} for d in keep.get("Dimensions", [])]
+    stack.client("cloudwatch").put_metric_alarm(AlarmName=logical, **keep)
+
+
+def _function(stack, logical, props):
+    stack._function(logical, props)
+    fn = stack.functions[logical]
+    if "DeadLetterQueue" in props:
+        fn.dlq = stack.queue_urls[props["DeadLetterQueue"]["TargetArn"]]
+
+
+CREATORS = {
+    "AWS::KMS::Key": _kms_key,
+    "AWS::KMS::Alias": _kms_alias,
+    "AWS::S3::Bucket": _bucket,
+    "AWS::S3::BucketPolicy": _bucket_policy,
+    "AWS::DynamoDB::Table": _table,
+    "AWS::SQS::Queue": _queue,
+    "AWS::SQS::QueuePolicy": _queue_policy,
+    "AWS::IAM::ManagedPolicy": _managed_policy,
+    "AWS::IAM::Role": _role,
+    "AWS::IAM::InstanceProfile": _instance_profile,
+    "AWS::Logs::LogGroup": _log_group,
+    "AWS::EMRServerless::Application": _application,
+    "AWS::SNS::Topic": _topic,
+    "AWS::SNS::Subscription": lambda stack, logical, props: None,  # the topic's inbox stands in for email
+    "AWS::CloudWatch::Alarm": _alarm,
+    "AWS::Serverless::Function": _function,
+}
+
+
+# --- shapes AWS sends ----------------------------------------------------------------------------------------
+def sqs_record(message: dict, queue_arn: str) -> dict:
+    return {
+        "messageId": message["MessageId"], "receiptHandle": message["ReceiptHandle"], "body": message["Body"],
+        "attributes": message.get("Attributes", {}), "messageAttributes": message.get("MessageAttributes", {}),
+        "md5OfBody": message.get("MD5OfBody", ""), "eventSource": "aws:sqs", "eventSourceARN": queue_arn,
+        "awsRegion": REGION,
+    }  # fmt: skip
+
+
+def job_state_event(app: str, job: JobRun, state: str, previous: str, detail: str) -> dict:
+    """An "EMR Serverless Job Run State Change" event, as EventBridge delivers it (docs: using-eventbridge)."""
+    now = datetime.now(timezone.utc)
+    return {
+        "version": "0", "id": str(uuid.uuid4()), "detail-type": "EMR Serverless Job Run State Change",
+        "source": "aws.emr-serverless", "account": ACCOUNT, "time": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": REGION, "resources": [],
+        "detail": {"jobRunId": job.job_id, "jobRunName": job.name, "applicationId": app,
+                   "arn": f"arn:aws:emr-serverless:{REGION}:{ACCOUNT}:/applications/{app}/jobruns/{job.job_id}",
+                   "releaseLabel": "emr-7.10.0", "state": state, "previousState": previous,
+                   "stateDetails": detail, "updatedAt": now.isoformat()},
+    }  # fmt: skip
+
+
+def schedule_seconds(expression: str) -> float:
+    """rate(N minutes|hours) -> N in seconds; cron(M H ...) -> seconds until its next H:M UTC, then daily."""
+    rate = re.fullmatch(r"rate\((\d+) (minute|minutes|hour|hours|day|days)\)", expression)
+    if rate:
+        unit = {"minute": 60, "hour": 3600, "day": 86400}[rate.group(2).rstrip("s")]
+        return int(rate.group(1)) * unit
+    return 86400.0
+
+
+def local_submit_parameters(parameters: str, fetch) -> list:
+    """EMR Serverless spark-submit parameters for a local master: --py-files fetched from S3, the EMR-only
+    settings dropped (image's Python path, executor sizes a laptop does not have)."""
+    out, words = [], shlex.split(parameters)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--py-files":
+            out += ["--py-files", ",".join(fetch(u) for u in words[i + 1].split(","))]
+            i += 2
+            continue
+        if word == "--conf":
+            key = words[i + 1].split("=", 1)[0]
+            if not (key.startswith("spark.emr-serverless.") or key.endswith("PYSPARK_PYTHON")
+                    or key in ("spark.executor.memory", "spark.driver.memory", "spark.executor.cores",
+                               "spark.driver.cores", "spark.dynamicAllocation.maxExecutors")):  # fmt: skip
+                out += ["--conf", words[i + 1]]
+            i += 2
+            continue
+        out.append(word)
+        i += 1
+    return out + ["--conf", "spark.driver.memory=1g"]
+
+
+def _documented_s3_notifications() -> None:
+    """moto's S3 notifications, corrected to AWS's documented shape (notification-content-structure): a
+    sequencer and versionId on every record, and ObjectRemoved:DeleteMarkerCreated when a delete in a versioned
+    bucket creates a delete marker (moto sends nothing then)."""
+    from moto.s3 import models, notifications
+
+    if getattr(notifications, "_documented", False):
+        return
+    original_event = notifications._get_s3_event
+    counter = iter(range(1, 1 << 62))
+
+    def documented(event_name, bucket, key, notification_id):
+        body = original_event(event_name, bucket, key, notification_id)
+        obj = body["Records"][0]["s3"]["object"]
+        obj["sequencer"] = f"{int(time.time() * 1000):012X}{next(counter):08X}"
+        if getattr(key, "version_id", None) and bucket.is_versioned:
+            obj["versionId"] = str(key.version_id)
+        if event_name.endswith("DeleteMarkerCreated") or event_name.startswith("s3:ObjectRemoved"):
+            obj.pop("eTag", None)
+            obj.pop("size", None)
+        return body
+
+    original_delete = models.S3Backend.delete_object
+
+    def delete_object(self, bucket_name, key_name, version_id=None, bypass=False):
+        bucket = self.get_bucket(bucket_name)
+        versions_before = len(bucket.keys.getlist(key_name, [])) if key_name in bucket.keys else 0
+        result = original_delete(self, bucket_name, key_name, version_id=version_id, bypass=bypass)
+        if bucket.is_versioned and result[0]:
+            if version_id is None:
+                marker = bucket.keys.get(key_name)
+                marker = SimpleNamespace(name=key_name, etag="", size=0, version_id=marker.version_id)
+                notifications.send_event(self.account_id,
+                                         notifications.S3NotificationEvent.OBJECT_REMOVED_DELETE_MARKER_CREATED_EVENT,
+                                         bucket, marker)  # fmt: skip
+            elif key_name in bucket.keys and len(bucket.keys.getlist(key_name)) < versions_before:
+                gone = SimpleNamespace(name=key_name, etag="", size=0, version_id=version_id)
+                notifications.send_event(self.account_id, notifications.S3NotificationEvent.OBJECT_REMOVED_DELETE_EVENT,
+                                         bucket, gone)  # fmt: skip
+        return result
+
+    notifications._get_s3_event = documented
+    models.S3Backend.delete_object = delete_object
+    notifications._documented = True
