@@ -24,7 +24,8 @@ sys.path[:0] = [str(ROOT)]
 
 
 def say(line: str) -> None:
-    print(time.strftime("%H:%M:%S ") + line, flush=True)
+    # The terminal itself: while a function runs, sys.stdout is its log file (functions.log).
+    print(time.strftime("%H:%M:%S ") + line, file=sys.__stdout__, flush=True)
 
 
 class Watcher:
@@ -166,11 +167,12 @@ def up(args) -> int:
         prepare(stack, args.weights)
         stack.serve()
         say("ready. In another shell:")
+        print(file=sys.__stdout__)
         print(f"  export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_DEFAULT_REGION=eu-west-3\n"
               f"  aws --endpoint-url {stack.endpoint} s3 cp --recursive ~/fruits s3://{stack.bucket}/images/\n"
               f"  aws --endpoint-url {stack.endpoint} s3 rm s3://{stack.bucket}/images/Apple/r_1.jpg\n"
               f"  aws --endpoint-url {stack.endpoint} s3 cp s3://{stack.bucket}/results/report.json -\n"
-              "Ctrl-C stops everything.", flush=True)  # fmt: skip
+              "Ctrl-C stops everything.", file=sys.__stdout__, flush=True)  # fmt: skip
         watcher = Watcher(stack)
         seen = None
         while True:
@@ -203,5 +205,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore", message="No application metrics to publish")
     threading.excepthook = lambda hook: say(f"background error: {hook.exc_type.__name__}: {hook.exc_value}")
     raise SystemExit(main())

@@ -79,6 +79,9 @@ class LocalStack:
         self._lock = threading.RLock()  # one function invocation at a time, as reserved concurrency would not
         self.events_seen = 0
         self.queue_urls: dict = {}  # ARN -> URL
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # CloudWatch Logs' stand-in; one stream for the stack's life, as Powertools keeps the one it starts with
+        self.function_logs = open(self.workdir / "functions.log", "a", buffering=1)  # noqa: SIM115
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> LocalStack:
@@ -103,14 +106,17 @@ class LocalStack:
             self._threads.append(thread)
 
     def stop(self) -> None:
+        """Stop everything, even when interrupted again meanwhile (a second Ctrl-C)."""
         self._stop.set()
-        for job in self.jobs.values():
-            if job.process and job.process.poll() is None:
-                job.process.kill()
-        for thread in self._threads:
-            thread.join(timeout=10)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(KeyboardInterrupt):
+            for job in self.jobs.values():
+                if job.process and job.process.poll() is None:
+                    job.process.kill()
+            for thread in self._threads:
+                thread.join(timeout=3)  # daemons: whatever is still blocked ends with the process
+        with contextlib.suppress(Exception, KeyboardInterrupt):
             self.server.stop()
+        self.function_logs.close()
 
     def client(self, service: str):
         import boto3
@@ -157,7 +163,7 @@ class LocalStack:
     def invoke(self, logical: str, event: dict) -> dict:
         """Run a function's handler as Lambda would: its environment, a cold start the first time."""
         fn = self.functions[logical]
-        with self._lock, open(self.workdir / "functions.log", "a") as logs, contextlib.redirect_stdout(logs):
+        with self._lock, contextlib.redirect_stdout(self.function_logs):
             os.environ.update(fn.env)
             if fn.module is None:
                 sys.path.insert(0, str(ROOT / "lambdas"))
