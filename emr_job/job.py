@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 
-from emr_job import model, report, storage
+from emr_job import catalog, fitted, model, quality, report, storage
 from emr_job.featurize import (
     FAILED,
     FILE,
@@ -52,6 +52,7 @@ from emr_job.store import (
 IMAGES_PER_TASK = 4000  # long tasks amortise per-task set-up; more tasks than cores only past this size
 FILE_TASKS_SCHEMA = "file string, deleted array<long>"
 SMALL_FILES_TO_COMPACT = 16  # more data files than this under ROWS_PER_FILE / 4 rows are merged
+NO_LABEL = "(no label folder)"  # failures of files directly under the input
 CLOCK: Callable[[], float] = time.time  # tests move it to age deletes and snapshots
 
 
@@ -66,6 +67,7 @@ class JobConfig:
     io_threads: int = 8
     compact_after_hours: float = 12.0  # erased rows leave the table files at the first run after this
     keep_snapshots_hours: float = 1.0  # older snapshots (and the files only they reach) are removed
+    glue_database: Optional[str] = None  # Glue database whose tables follow the published ones
 
 
 class Timer:
@@ -106,7 +108,8 @@ def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) 
         removed = remove_orphans(results, grace_s=_grace(cfg))
         log(f"nothing changed since run {results.report['run_id'] if results.report else '-'}; nothing published")
         previous = dict(results.report or {})
-        return {**previous, "published": False, "orphans_removed": removed, "timings_s": timer.total()}
+        catalog = _sync_catalog(cfg, log)
+        return {**previous, "published": False, "orphans_removed": removed, "timings_s": timer.total(), **catalog}
 
     marker = mark_running(results, run_id)
     try:
@@ -176,10 +179,15 @@ def _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, file
         "explained_variance_ratio": [],
         "explained_variance_total": None,
         "pca_skipped": None,
+        "quality": None,
+        "labels": {},
         "plots": [],
         "maintenance": maintenance,
     }
-    plots = _pca(spark, cfg, commit, run_id, live, rpt, n_ok, log)
+    run_files, ok_by_label = _pca(spark, cfg, commit, run_id, live, rpt, n_ok, weights, log)
+    failed_by_label = Counter(r["label"] or NO_LABEL for r in failure_rows)
+    rpt["labels"] = {name: {"images": ok_by_label.get(name, 0), "failed": failed_by_label.get(name, 0)}
+                     for name in sorted(set(ok_by_label) | set(failed_by_label))}  # fmt: skip
     timer.lap("pca")
     _step(fail_at, "pca")
 
@@ -190,18 +198,45 @@ def _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, file
     commit.apply("failures", TableChange(added=failures_files, replace_all=True))
     _step(fail_at, "failures")
 
-    run_dir = storage.join(results.root, "runs", run_id)
-    for name, data in plots.items():
-        storage.write_bytes(storage.join(run_dir, name), data, "image/png")
-    rpt["plots"] = [f"runs/{run_id}/{name}" for name in sorted(plots)]
+    rpt["plots"] = [f"runs/{run_id}/{name}" for name in sorted(run_files) if name.endswith(".png")]
+    rpt["model"] = f"runs/{run_id}/{fitted.MODEL_JSON}" if fitted.MODEL_JSON in run_files else None
+    rpt["html"] = f"runs/{run_id}/report.html"
     rpt["timings_s"] = timer.total()
     rpt["images_per_second"] = round(featurized / max(timer.stages.get("featurize", 0.0), 1e-9), 2)
     rpt["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    run_files["report.html"] = report.html(rpt, run_files, failure_rows)
+    run_dir = storage.join(results.root, "runs", run_id)
+    with ThreadPoolExecutor(8) as pool:  # written before the swap: published with the tables, or orphaned
+        list(pool.map(lambda kv: storage.write_bytes(storage.join(run_dir, kv[0]), kv[1], _content_type(kv[0])),
+                      run_files.items()))  # fmt: skip
     _step(fail_at, "publish")
     published = commit.publish(rpt)
     _step(fail_at, "published")
     published["maintenance"]["orphans_removed"] = remove_orphans(Results(cfg.output), grace_s=_grace(cfg))
-    return {**published, "published": True}
+    return {**published, "published": True, **_sync_catalog(cfg, log)}
+
+
+def _sync_catalog(cfg: JobConfig, log) -> dict:
+    """Glue follows report.json. A failure fails the run (its results stay published): the retry, a no-change
+    run, syncs again."""
+    if not cfg.glue_database:
+        return {}
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        done = catalog.sync_glue(cfg.output, cfg.glue_database)
+    except (BotoCoreError, ClientError) as exc:
+        raise catalog.CatalogError(
+            f"results published, but the Glue tables of {cfg.glue_database} were not updated: {exc}"
+        ) from None
+    log(f"Glue database {cfg.glue_database}: " + ", ".join(f"{name} {what}" for name, what in done.items()))
+    return {"catalog": {"glue_database": cfg.glue_database, "tables": done}}
+
+
+def _content_type(name: str) -> str:
+    return {"png": "image/png", "json": "application/json", "html": "text/html; charset=utf-8"}.get(
+        name.rsplit(".", 1)[-1], "application/octet-stream"
+    )
 
 
 def _step(fail_at: Optional[str], name: str) -> None:
@@ -299,8 +334,9 @@ def _featurize(spark, cfg: JobConfig, plan: Plan, weights, arrays, commit: RunCo
     return status
 
 
-def _pca(spark, cfg: JobConfig, commit: RunCommit, run_id: str, live: list, rpt: dict, n_ok: int, log) -> dict:
-    """Fit PCA on every live feature row, write the projections, update the report; returns plots (PNG)."""
+def _pca(spark, cfg: JobConfig, commit: RunCommit, run_id: str, live: list, rpt: dict, n_ok: int, weights, log):
+    """Fit PCA on every live feature row, write the projections, update the report (variance, labels, quality);
+    returns the run's files (plots, the fitted model) and the rows per label."""
     tasks = _file_tasks(spark, live)
     try:
         moments = tasks.mapInArrow(file_moments, MOMENTS_SCHEMA).collect() if live else []
@@ -311,7 +347,7 @@ def _pca(spark, cfg: JobConfig, commit: RunCommit, run_id: str, live: list, rpt:
         rpt["pca_skipped"] = str(exc)
         log(f"PCA skipped: {exc}")
         commit.apply("pca", TableChange(replace_all=True))
-        return {}
+        return {}, Counter()
     rpt.update(
         k=pca.k,
         explained_variance_ratio=[float(x) for x in pca.explained_variance_ratio],
@@ -325,28 +361,42 @@ def _pca(spark, cfg: JobConfig, commit: RunCommit, run_id: str, live: list, rpt:
                        run_id=run_id, schema=schema)  # fmt: skip
         written = tasks.mapInArrow(body, FILE_ROWS_SCHEMA).collect()
         commit.apply("pca", TableChange(added=[r["path"] for r in written], replace_all=True))
-        sample = _scatter_sample(written, schema)
-        return {
+        coords, labels, counts = _sample(written, report.MAX_SCATTER_POINTS)
+        loo = quality.loo_accuracy(coords[: quality.MAX_SAMPLE], labels[: quality.MAX_SAMPLE])
+        rpt["quality"] = {**loo, "of": n_ok, "caveat": quality.caveat(weights.spec, len(counts))}
+        files = {
             "explained_variance.png": variance_png.result(),
-            "pca_scatter.png": report.scatter_plot(sample["coords"], sample["labels"]),
+            "pca_scatter.png": report.scatter_plot(coords[:, :2], labels),
+            **fitted.files(pca, weights, run_id),
         }
+        return files, counts
 
 
-def _scatter_sample(written: list, schema: pa.Schema) -> dict:
-    """The first two coordinates of up to MAX_SCATTER_POINTS rows, read back from the new pca files."""
+def _sample(written: list, size: int) -> tuple:
+    """A uniform random sample (seeded) of up to `size` rows of the new pca files, in random order: (coords,
+    labels); and the rows per label of the whole table."""
     import pyarrow.parquet as pq
 
-    coords, labels, left = [], [], report.MAX_SCATTER_POINTS
-    for row in written:
-        if left <= 0:
-            break
-        fs, where = storage.filesystem(row["path"])
-        part = pq.read_table(where, columns=["label", "pca"], filesystem=fs).slice(0, left)
-        coords += [c[:2] for c in part.column("pca").to_pylist()]
-        labels += part.column("label").to_pylist()
-        left -= part.num_rows
-    width = min((len(c) for c in coords), default=1)
-    return {"coords": np.array([c[:width] for c in coords], np.float32).reshape(len(coords), -1), "labels": labels}
+    total = sum(r["count"] for r in written)
+    rng = np.random.default_rng(0)
+    picked = np.sort(rng.choice(total, size=min(size, total), replace=False))
+    starts = np.cumsum([0] + [r["count"] for r in written])
+
+    def one(i):
+        fs, where = storage.filesystem(written[i]["path"])
+        part = pq.read_table(where, columns=["label", "pca"], filesystem=fs)
+        mine = picked[(picked >= starts[i]) & (picked < starts[i + 1])] - starts[i]
+        return Counter(part.column("label").to_pylist()), part.take(pa.array(mine, pa.int64()))
+
+    with ThreadPoolExecutor(8) as pool:
+        parts = list(pool.map(one, range(len(written))))
+    counts = sum((c for c, _ in parts), Counter())
+    rows = pa.concat_tables([t for _, t in parts]) if parts else None
+    order = rng.permutation(len(picked))
+    coords = np.array(rows.column("pca").to_pylist(), np.float32).reshape(len(picked), -1)[order]
+    all_labels = rows.column("label").to_pylist()
+    labels = [all_labels[i] for i in order]
+    return coords, labels, counts
 
 
 def task_count(spark, images: int, batch_size: int) -> int:

@@ -35,11 +35,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-snapshots-hours", type=float, default=1.0, help="remove older table snapshots and their files"
     )
+    parser.add_argument("--glue-database", help="Glue database whose tables follow the published ones (on AWS)")
     args = parser.parse_args(argv)
     if args.variance is not None and not 0 < args.variance <= 1:
         parser.error(f"--variance must be in (0, 1], got {args.variance}")
     if args.k is not None and args.k < 1:
         parser.error(f"--k must be at least 1, got {args.k}")
+    if args.glue_database is not None:
+        from emr_job.catalog import GLUE_DATABASE
+
+        if not GLUE_DATABASE.match(args.glue_database):
+            parser.error(f"--glue-database {args.glue_database!r}: lower-case letters, digits and underscores only")
     if args.k is None and args.variance is None:
         args.variance = 0.95
     return args
@@ -49,6 +55,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pyiceberg").setLevel(logging.WARNING)  # "Defaulting to PyArrow FileIO", per table
     args = parse_args(argv)
+    from emr_job.catalog import CatalogError
     from emr_job.job import JobConfig, run
     from emr_job.report import summary
     from emr_job.session import spark_session
@@ -64,6 +71,7 @@ def main(argv=None) -> int:
         io_threads=args.io_threads,
         compact_after_hours=args.compact_after_hours,
         keep_snapshots_hours=args.keep_snapshots_hours,
+        glue_database=args.glue_database,
     )
     started = []
 
@@ -73,6 +81,9 @@ def main(argv=None) -> int:
 
     try:
         rpt = run(cfg, log=log.info, session=session)
+    except CatalogError as exc:
+        log.error("run failed: %s", exc)
+        return 1
     except (WeightsError, PcaError, ImageError, FileNotFoundError, ValueError, CommitError) as exc:
         log.error("run failed, previous results left as they were: %s", exc)
         return 1

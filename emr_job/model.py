@@ -11,6 +11,16 @@ import numpy as np
 
 FEATURE_DIM = 1280
 RANDOM_SEED = 0
+# What a feature is, saved with each run's fitted model: a new image must go through exactly this.
+FEATURE_SPEC = {
+    "network": "MobileNetV2 (tf.keras.applications), include_top=False, pooling='avg'",
+    "input": [224, 224, 3],
+    "decode": "EXIF orientation applied; any mode to RGB, transparency composited on white; bilinear resize "
+    "to 224x224 (emr_job/images.py)",
+    "preprocess": "uint8 pixels / 127.5 - 1 (mobilenet_v2.preprocess_input)",
+    "features": FEATURE_DIM,
+    "dtype": "float32",
+}
 
 
 class WeightsError(RuntimeError):

@@ -1,13 +1,16 @@
-"""report.json and the two PNG plots a person looks at after a run."""
+"""What a person looks at after a run: the two PNG plots, report.html (self-contained), the printed summary."""
 
 from __future__ import annotations
 
+import base64
+import html as _html
 import io
 
 import numpy as np
 
 MAX_SCATTER_POINTS = 20000
 MAX_LEGEND_LABELS = 20
+FIRST_FAILURES = 20  # listed by path in report.html; the failures table has them all
 
 
 def _png(fig) -> bytes:
@@ -87,6 +90,13 @@ def summary(report: dict) -> str:
         )
     else:
         lines.append(f"pca: skipped: {report.get('pca_skipped')}")
+    quality = report.get("quality")
+    if quality and quality.get("accuracy") is not None:
+        caveat = f"; {quality['caveat']}" if quality["caveat"] else ""
+        lines.append(
+            f"labels: {len(report['labels'])}, {quality['k']}-NN accuracy {quality['accuracy']:.1%} (leave-one-out,"
+            f" {quality['sample']} of {quality['of']} images{caveat})"
+        )
     lines.append(f"weights: {report['weights']}")
     t = report["timings_s"]
     speed = (
@@ -96,5 +106,93 @@ def summary(report: dict) -> str:
     lines.append(f"speed: {speed}; total {t['total']:.1f}s ({stages})")
     for reason, count in sorted(report["failures_by_reason"].items(), key=lambda kv: -kv[1])[:5]:
         lines.append(f"failed: {count} x {reason}")
-    lines.append(f"results: {report['output']}/report.json  (plots: {', '.join(report['plots']) or 'none'})")
+    lines.append(f"results: {report['output']}/report.json")
+    if report.get("html"):
+        lines.append(f"report: {report['output']}/{report['html']}  (open it in a browser)")
     return "\n".join(lines)
+
+
+def html(report: dict, run_files: dict, failure_rows: list) -> bytes:
+    """report.html: the run for a person, one file with the plots inline. Figures carry data-field attributes
+    (tests check them against report.json)."""
+    e = _html.escape
+
+    def field(name, value, fmt="{}"):
+        return f'<td data-field="{e(name)}">{e(fmt.format(value)) if value is not None else "-"}</td>'
+
+    def image(name: str, alt: str) -> str:
+        if name not in run_files:
+            return ""
+        data = base64.b64encode(run_files[name]).decode()
+        return f'<img alt="{e(alt)}" src="data:image/png;base64,{data}">'
+
+    counts = [
+        ("images_total", "images"),
+        ("images_ok", "featurized, in the tables"),
+        ("images_failed", "failed"),
+        ("images_featurized", "featurized by this run"),
+        ("images_reused", "reused from earlier runs"),
+        ("images_removed", "removed (gone from the input)"),
+        ("files_ignored", "other files ignored"),
+    ]
+    count_rows = "".join(f"<tr><td>{e(label)}</td>{field(key, report[key])}</tr>" for key, label in counts)
+    quality = report.get("quality") or {}
+    per_label = quality.get("per_label", {})
+    label_rows = "".join(
+        f"<tr><td>{e(name)}</td>{field(f'labels.{name}.images', row['images'])}"
+        f"{field(f'labels.{name}.failed', row['failed'])}"
+        f"{field(f'quality.per_label.{name}.sample', per_label.get(name, {}).get('sample'))}"
+        f"{field(f'quality.per_label.{name}.accuracy', per_label.get(name, {}).get('accuracy'), '{:.1%}')}</tr>"
+        for name, row in report.get("labels", {}).items()
+    )
+    reasons = "".join(
+        f"<tr><td>{e(reason)}</td>{field(f'failures_by_reason.{reason}', n)}</tr>"
+        for reason, n in sorted(report["failures_by_reason"].items(), key=lambda kv: -kv[1])
+    )
+    first = sorted(failure_rows, key=lambda r: r["path"])[:FIRST_FAILURES]
+    failures = "".join(
+        f"<tr><td>{e(r['path'])}</td><td>{e(r['label'] or '')}</td><td>{e(r['reason'])}</td></tr>" for r in first
+    )
+    timings = "".join(f"<tr><td>{e(k)}</td>{field(f'timings_s.{k}', v, '{:.1f} s')}</tr>"
+                      for k, v in report["timings_s"].items())  # fmt: skip
+    if report.get("k"):
+        pca = (f"<p><span data-field=\"k\">{report['k']}</span> components explain "
+               f"<span data-field=\"explained_variance_total\">{report['explained_variance_total']:.1%}</span> of the "
+               f"variance.</p>{image('explained_variance.png', 'cumulative explained variance')}"
+               f"{image('pca_scatter.png', 'first two components by label')}")  # fmt: skip
+    else:
+        pca = f"<p>PCA skipped: {e(str(report.get('pca_skipped')))}</p>"
+    if quality.get("accuracy") is not None:
+        separability = (
+            f"<p>Leave-one-out {quality['k']}-nearest-neighbour accuracy in the PCA space: "
+            f'<strong data-field="quality.accuracy">{quality["accuracy"]:.1%}</strong>, on a random sample of '
+            f'<span data-field="quality.sample">{quality["sample"]}</span> of {quality["of"]} images.</p>'
+            + (f'<p class="caveat" data-field="quality.caveat">{e(quality["caveat"])}</p>' if quality["caveat"] else "")
+        )
+    else:
+        separability = "<p>Label separability: not computed (fewer than 2 images in the PCA space).</p>"
+    body = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Image features: run {e(report["run_id"])}</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; max-width: 980px; margin: 2em auto; padding: 0 1em; color: #222 }}
+table {{ border-collapse: collapse; margin: .5em 0 1.5em }} td, th {{ padding: 3px 10px; border-bottom: 1px solid #ddd;
+text-align: left }} td[data-field] {{ text-align: right; font-variant-numeric: tabular-nums }}
+img {{ max-width: 100%; display: block; margin: .5em 0 }} .caveat {{ color: #a33 }} code {{ font-size: 12px }}
+</style></head><body>
+<h1>Image features: run <span data-field="run_id">{e(report["run_id"])}</span></h1>
+<p>Finished {e(str(report["finished_at"]))}. Input <code>{e(report["input"])}</code>, results
+<code>{e(report["output"])}</code>. Weights: <span data-field="weights">{e(report["weights"])}</span>.</p>
+<h2>Images</h2><table>{count_rows}</table>
+<h2>PCA</h2>{pca}
+<h2>How well the PCA space separates the labels</h2>{separability}
+<table><tr><th>label</th><th>images</th><th>failed</th><th>in the sample</th><th>k-NN accuracy</th></tr>
+{label_rows}</table>
+<h2>Failures</h2><table><tr><th>reason</th><th>files</th></tr>{reasons}</table>
+<p>The first {len(first)} of {report["images_failed"]} by path:</p>
+<table><tr><th>file</th><th>label</th><th>reason</th></tr>{failures}</table>
+<h2>Timings</h2><table>{timings}</table>
+<h2>Files</h2><p>Tables: <code>{e(report["output"])}/tables/</code> (features, pca, failures; Apache Iceberg).
+Fitted model: <code>{e(str(report.get("model")))}</code>. Machine-readable: <code>report.json</code>.</p>
+</body></html>
+"""
+    return body.encode()

@@ -67,6 +67,8 @@ def _authorizations(service: str, entry: dict, body: str) -> list:
         return _emr_serverless(method, url.path, body)
     if service == "elasticmapreduce":
         return _emr(target.split(".")[-1], json.loads(body or "{}"))
+    if service == "glue":
+        return _glue(target.split(".")[-1], json.loads(body or "{}"))
     return [(f"{service}:{method} {url.path}", "*", {})]
 
 
@@ -139,6 +141,16 @@ def _emr(action: str, doc: dict) -> list:
         service = service if service.startswith("arn:") else f"arn:aws:iam::{ACCOUNT}:role/{service}"
         found.append(("iam:PassRole", service, {"iam:PassedToService": "elasticmapreduce.amazonaws.com"}))
     return found
+
+
+def _glue(action: str, doc: dict) -> list:
+    """A table call is checked against the catalog, its database and the table (glue-specifying-resource-arns)."""
+    database = doc.get("DatabaseName")
+    table = doc.get("Name") or doc.get("TableInput", {}).get("Name")
+    arn = f"arn:aws:glue:{REGION}:{ACCOUNT}:%s"
+    resources = [arn % "catalog"] + ([arn % f"database/{database}"] if database else [])
+    resources += [arn % f"table/{database}/{table}"] if table else []
+    return [(f"glue:{action}", r, {}) for r in resources]
 
 
 # --- evaluation -----------------------------------------------------------------------------------------

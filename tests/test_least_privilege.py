@@ -45,7 +45,8 @@ def as_principal(monkeypatch, name: str) -> None:
 def stack_policies(stack, engine: int) -> dict:
     names = {"UploadQueue": "uploads", "UploadDeadLetterQueue": "uploads-dlq", "AlertTopic": "run-failures",
              "EmrRuntimeRole": "emr-runtime", "EmrServiceRole": "emr-service",
-             "EmrInstanceRole": "emr-instance-profile", "JobStateDeadLetterQueue": "job-state-dlq"}  # fmt: skip
+             "EmrInstanceRole": "emr-instance-profile", "JobStateDeadLetterQueue": "job-state-dlq",
+             "ResultsDatabase": "image_features_dev"}  # fmt: skip
     values = stack_values(ACCOUNT, "eu-west-3", BUCKET, "runs", stack.app_id, names)
     values["Stage"] = "dev"
     return policies({**ENGINES[engine], "UseKms": True}, values)
@@ -106,7 +107,7 @@ def test_the_serverless_flow_needs_nothing_the_template_does_not_grant(recorder,
     actions = {c.action for c in calls}
     assert {"sqs:SendMessage", "sns:Publish", "emr-serverless:StartJobRun", "emr-serverless:GetJobRun",
             "iam:PassRole", "dynamodb:UpdateItem", "s3:ListBucket", "s3:GetObject", "s3:PutObject",
-            "s3:DeleteObject"} <= actions  # fmt: skip
+            "s3:DeleteObject", "glue:CreateTable", "glue:UpdateTable"} <= actions  # fmt: skip
     granted = stack_policies(stack, 0)
     check(calls, granted)
 
@@ -116,6 +117,8 @@ def test_the_serverless_flow_needs_nothing_the_template_does_not_grant(recorder,
         Call("job", "s3:GetObject", "arn:aws:s3:::another-bucket/images/a.jpg"),
         Call("job", "s3:ListBucket", f"arn:aws:s3:::{BUCKET}", (("s3:prefix", "logs/"),)),
         Call("job", "dynamodb:UpdateItem", f"arn:aws:dynamodb:eu-west-3:{ACCOUNT}:table/runs"),
+        Call("job", "glue:UpdateTable", f"arn:aws:glue:eu-west-3:{ACCOUNT}:table/other_db/features"),
+        Call("job", "glue:DeleteTable", f"arn:aws:glue:eu-west-3:{ACCOUNT}:table/image_features_dev/features"),
         Call("trigger", "s3:GetObject", f"arn:aws:s3:::{BUCKET}/images/Kiwi/0.jpg"),
         Call("trigger", "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/admin",
              (("iam:PassedToService", "emr-serverless.amazonaws.com"),)),

@@ -92,6 +92,14 @@ def test_uploads_become_results_erasures_take_effect_failures_retry_and_lost_eve
     assert retried["state"] == "SUCCESS" and retried["attempt"] == "2"
     assert f"s3://{bucket}/images/Apple/late.jpg" in results(stack, "features")
 
+    # The template's Glue database holds the tables of the published run, for Athena
+    glue = stack.client("glue")
+    database = stack.template.values["ResultsDatabase"]
+    tables = {
+        t["Name"]: t["Parameters"]["metadata_location"] for t in glue.get_tables(DatabaseName=database)["TableList"]
+    }
+    assert tables == report(stack)["commit"]["tables"]
+
     # A state event no rule of the template matches never reaches the function
     from tests.localstack.stack import JobRun, job_state_event
 

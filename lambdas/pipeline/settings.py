@@ -38,6 +38,7 @@ ENV_VARS: dict = {
     "EMR_SERVICE_ROLE": "",
     "EMR_INSTANCE_PROFILE": "",
     "RUN_NAME_PREFIX": "image-features",
+    "GLUE_DATABASE": "",
 }
 # Read by Powertools itself; declared in template.yaml Globals too.
 POWERTOOLS_ENV_VARS = ("POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE", "POWERTOOLS_LOG_LEVEL")
@@ -76,6 +77,7 @@ class Settings:
     emr_service_role: str
     emr_instance_profile: str
     run_name_prefix: str
+    glue_database: str
 
     # Derived locations: one prefix setting each; the layout below artifacts/ is emr_job/package.py's ARTIFACTS.
     @property
@@ -106,7 +108,7 @@ class Settings:
             "--output", f"s3://{self.bucket}/{self.results_prefix}",
             "--weights", self.weights_uri,
             "--variance", str(self.pca_variance),
-        ]  # fmt: skip
+        ] + (["--glue-database", self.glue_database] if self.glue_database else [])  # fmt: skip
 
 
 def _prefix(name: str, value: str) -> str:
@@ -177,4 +179,5 @@ def load(environ: Mapping[str, str] = os.environ) -> Settings:
         emr_service_role=raw["EMR_SERVICE_ROLE"],
         emr_instance_profile=raw["EMR_INSTANCE_PROFILE"],
         run_name_prefix=raw["RUN_NAME_PREFIX"],
+        glue_database=raw["GLUE_DATABASE"],
     )

@@ -75,6 +75,16 @@ def test_spark_submit_reads_and_writes_s3_and_converges_on_what_the_bucket_holds
         features = rows("s3://photos/results", "features")
         assert f"s3://photos/{keys[0]}" in features and f"s3://photos/{keys[1]}" not in features
         assert len(features) == 5 and len(rows("s3://photos/results", "pca")) == 5
+
+        # And the results answer a similarity query and SQL straight from S3
+        from emr_job import query, sql
+
+        [answer] = query.query("s3://photos/results/", [str(tmp_path / "src" / keys[2][7:])], top=2)
+        nearest = answer.neighbours[0]
+        assert nearest["path"] == f"s3://photos/{keys[2]}"
+        assert nearest["distance"] <= 1e-4 * max(map(abs, answer.coords))
+        counts = sql.query("s3://photos/results", "SELECT label, count(*) AS n FROM pca GROUP BY label ORDER BY label")
+        assert counts.to_pylist() == [{"label": "Apple Braeburn", "n": 2}, {"label": "Kiwi", "n": 3}]
     finally:
         del os.environ["AWS_ENDPOINT_URL"]
 

@@ -29,6 +29,7 @@ def create_stack() -> SimpleNamespace:
     sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=alerts_arn, Attributes={"RawMessageDelivery": "true"})
     emrs = boto3.client("emr-serverless", region_name=REGION)
     app_id = emrs.create_application(name="features", releaseLabel="emr-7.10.0", type="SPARK")["applicationId"]
+    boto3.client("glue", region_name=REGION).create_database(DatabaseInput={"Name": "image_features_dev"})
     env = {
         "BUCKET": BUCKET,
         "TABLE_NAME": "runs",
@@ -44,6 +45,7 @@ def create_stack() -> SimpleNamespace:
         "MAX_ATTEMPTS": "2",
         "RETRY_BASE_SECONDS": "300",
         "MAX_WAIT_SECONDS": "900",
+        "GLUE_DATABASE": "image_features_dev",
         "POWERTOOLS_SERVICE_NAME": "image-features",
         "POWERTOOLS_METRICS_NAMESPACE": "ImageFeatures",
         "POWERTOOLS_TRACE_DISABLED": "true",

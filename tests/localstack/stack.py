@@ -489,6 +489,17 @@ def _alarm(stack, logical, props):
     stack.client("cloudwatch").put_metric_alarm(AlarmName=logical, **keep)
 
 
+def _glue_database(stack, logical, props):
+    stack.client("glue").create_database(DatabaseInput=props["DatabaseInput"])
+    stack.template.values[logical] = props["DatabaseInput"]["Name"]
+
+
+def _work_group(stack, logical, props):
+    stack.client("athena").create_work_group(Name=props["Name"], Description=props["Description"],
+                                             Configuration=props["WorkGroupConfiguration"])  # fmt: skip
+    stack.template.values[logical] = props["Name"]
+
+
 def _function(stack, logical, props):
     stack._function(logical, props)
     fn = stack.functions[logical]
@@ -513,6 +524,8 @@ CREATORS = {
     "AWS::SNS::Subscription": lambda stack, logical, props: None,  # the topic's inbox stands in for email
     "AWS::CloudWatch::Alarm": _alarm,
     "AWS::Serverless::Function": _function,
+    "AWS::Glue::Database": _glue_database,
+    "AWS::Athena::WorkGroup": _work_group,
 }
 
 

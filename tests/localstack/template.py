@@ -53,6 +53,12 @@ class Template:
             if set(node) == {"Fn::Sub"}:
                 text = node["Fn::Sub"]
                 return re.sub(r"\$\{([^}]+)\}", lambda m: str(self.values[m.group(1)]), text)
+            if set(node) == {"Fn::Join"}:
+                separator, parts = node["Fn::Join"]
+                return separator.join(str(x) for x in self.value(parts))
+            if set(node) == {"Fn::Split"}:
+                separator, text = node["Fn::Split"]
+                return str(self.value(text)).split(separator)
             if set(node) == {"Fn::If"}:
                 name, yes, no = node["Fn::If"]
                 return self.value(yes if self.conditions[name] else no)

@@ -85,6 +85,7 @@ def stack_values(account: str, region: str, bucket: str, table: str, app_id: str
         "RunsTable": table, "RunsTable.Arn": arn % ("dynamodb", f"table/{table}"),
         "EmrApplication": app_id, "EmrApplication.Arn": arn % ("emr-serverless", f"/applications/{app_id}"),
         "DataKey": "key-1", "DataKey.Arn": arn % ("kms", "key/key-1"),
+        "ResultsDatabase": "image_features_dev",
     }  # fmt: skip
     for logical, name in names.items():
         kind = RESOURCES[logical]["Type"]
