@@ -6,6 +6,8 @@
   pca         emr_job.pca against pyspark.ml.feature.PCA on the same 20,000 x 1280 features, k=100
   trigger     the trigger on 10 and on 10,000 records after a million changes (moto): AWS calls, time
   reconcile   planning on STORED synthetic feature rows with 1% changed (wall, peak RSS), bytes rewritten
+  query       `python -m emr_job.query` on 100,000 stored images (k=50): wall time of the command, and its
+              parts (reading the results, the model on the photos, the nearest-neighbour search)
 
 Prints one JSON line (and writes it to OUT/bench.json). --only SECTION runs one.
 """
@@ -303,6 +305,29 @@ def scale_benchmark(work: Path, n: int) -> dict:
     return {"build": built, "plan": planned, "rewrite": rewritten}
 
 
+def query_benchmark(work: Path, stored: int = 100_000) -> dict:
+    """The similarity query as a user runs it, cold (a new process), on one photo and on ten."""
+    store = work / "query-store"
+    script = str(ROOT / "tests" / "bench" / "scale.py")
+    subprocess.run([sys.executable, script, "query-store", str(store), str(stored)], cwd=ROOT, env=ENV, check=True,
+                   capture_output=True)  # fmt: skip
+    photos = work / "query-photos"
+    make_images(photos, 10, seed=5)
+    paths = sorted(str(p) for p in photos.rglob("*.jpg"))
+    result = {"stored": stored}
+    for count in (1, 10):
+        cmd = [sys.executable, "-m", "emr_job.query", "--results", str(store), "--json", *paths[:count]]
+        start = time.perf_counter()
+        out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        parts = json.loads(out.stdout)[0]["timings_s"]
+        result[f"{count}_photos"] = {"wall_s": round(wall, 2), **{k: round(v, 3) for k, v in parts.items()}}
+    shutil.rmtree(store)
+    return result
+
+
 def machine() -> str:
     """CPU model and whether it has AVX-512: figures compare only within one machine."""
     model, flags = "unknown", ""
@@ -374,7 +399,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench-out"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--stored", type=int, default=1_000_000, help="stored images for the planning section")
-    parser.add_argument("--only", choices=["job", "pca", "trigger", "reconcile"], help="run one section")
+    parser.add_argument("--only", choices=["job", "pca", "trigger", "reconcile", "query"], help="run one section")
     args = parser.parse_args(argv)
     work = Path(args.out)
     shutil.rmtree(work, ignore_errors=True)
@@ -392,6 +417,9 @@ def main(argv=None) -> int:
     if args.only in (None, "reconcile"):
         log(f"reconciliation at scale: {args.stored} stored images, 1% changed")
         result["reconcile"] = scale_benchmark(work, args.stored)
+    if args.only in (None, "query"):
+        log("query: one and ten photos against 100,000 stored images")
+        result["query"] = query_benchmark(work)
     line = json.dumps(result)
     (work / "bench.json").write_text(line + "\n")
     print(line)

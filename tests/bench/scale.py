@@ -3,6 +3,7 @@
   python tests/bench/scale.py build DIR N         a published store of N feature rows (1280 float32 each)
   python tests/bench/scale.py plan DIR N          plan a run with 1% changed; prints wall time and peak RSS
   python tests/bench/scale.py rewrite DIR N       commit that run's writes; prints bytes written vs the store
+  python tests/bench/scale.py query-store DIR N   published results of N images (pca, model) to query
 
 `make bench` runs these (planning in a fresh process, so its peak RSS is the planner's own)."""
 
@@ -104,11 +105,53 @@ def plan(out: str, n: int) -> dict:
     }
 
 
+def write_pca(commit, n: int, k: int = K) -> None:
+    """A pca table of n rows of k random coordinates, committed whole."""
+    from emr_job import storage
+    from emr_job.store import TableChange, arrow_schema
+
+    rng = np.random.default_rng(3)
+    schema = arrow_schema("pca")
+    files = []
+    for start in range(0, n, ROWS_PER_FILE):
+        rows = min(ROWS_PER_FILE, n - start)
+        coords = rng.normal(size=(rows, k)).astype(np.float32)
+        offsets = pa.array(np.arange(0, (rows + 1) * k, k, dtype=np.int32))
+        table = pa.Table.from_arrays([
+            pa.array([path_of(i) for i in range(start, start + rows)]),
+            pa.array([f"label{i % LABELS:03d}" for i in range(start, start + rows)]),
+            pa.ListArray.from_arrays(offsets, pa.array(coords.reshape(-1)), type=schema.field("pca").type),
+        ], schema=schema)  # fmt: skip
+        files.append(commit.data_file_path("pca", str(start // ROWS_PER_FILE)))
+        storage.write_parquet(files[-1], table)
+    commit.apply("pca", TableChange(added=files, replace_all=True))
+
+
+def query_store(out: str, n: int) -> dict:
+    """Published results a query can use: a pca table of n rows (k=K) and a fitted model for random weights."""
+    from emr_job import fitted, storage
+    from emr_job.model import FEATURE_DIM, resolve_weights
+    from emr_job.pca import PcaModel
+    from emr_job.store import Results, RunCommit
+
+    rng = np.random.default_rng(4)
+    components = np.linalg.qr(rng.normal(size=(FEATURE_DIM, K)))[0].T  # orthonormal axes
+    pca = PcaModel(rng.normal(size=FEATURE_DIM), components, np.full(K, 1.0 / K), np.full(K, 1.0 / K), n)
+    commit = RunCommit(Results(out), "bench-query")
+    write_pca(commit, n)
+    weights = resolve_weights("random", out)
+    for name, data in fitted.files(pca, weights, "bench-query").items():
+        storage.write_bytes(f"{out}/runs/bench-query/{name}", data)
+    commit.publish({"run_id": "bench-query", "model": f"runs/bench-query/{fitted.MODEL_JSON}",
+                    "weights_fingerprint": weights.fingerprint})  # fmt: skip
+    return {"stored": n, "k": K}
+
+
 def rewrite(out: str, n: int) -> dict:
     """Commit what a 1%-changed run writes, and count the bytes of every file it created."""
     from emr_job import storage
     from emr_job.plan import make_plan
-    from emr_job.store import Results, RunCommit, TableChange, arrow_schema, live_files, read_live
+    from emr_job.store import Results, RunCommit, TableChange, live_files, read_live
 
     listing, _ = changed_listing(n)
     results = Results(out)
@@ -124,23 +167,7 @@ def rewrite(out: str, n: int) -> dict:
     features_written = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file() and p not in existing)
 
     # The pca table is rewritten whole by every run that changes anything: PCA is refitted on all rows.
-    rng = np.random.default_rng(3)
-    pca_files = []
-    live = listing.num_rows  # every listed image has a row once the run is done
-    for start in range(0, live, ROWS_PER_FILE):
-        rows = min(ROWS_PER_FILE, live - start)
-        coords = rng.normal(size=(rows, K)).astype(np.float32)
-        offsets = pa.array(np.arange(0, (rows + 1) * K, K, dtype=np.int32))
-        schema = arrow_schema("pca")
-        table = pa.Table.from_arrays([
-            pa.array([path_of(i) for i in range(start, start + rows)]),
-            pa.array([f"label{i % LABELS:03d}" for i in range(start, start + rows)]),
-            pa.ListArray.from_arrays(offsets, pa.array(coords.reshape(-1)), type=schema.field("pca").type),
-        ], schema=schema)  # fmt: skip
-        path = commit.data_file_path("pca", str(start // ROWS_PER_FILE))
-        storage.write_parquet(path, table)
-        pca_files.append(path)
-    commit.apply("pca", TableChange(added=pca_files, replace_all=True))
+    write_pca(commit, listing.num_rows)  # every listed image has a row once the run is done
     commit.publish({"run_id": "bench-rewrite"})
     store = store_bytes(out)
     pca = store_bytes(out, "pca")
@@ -156,4 +183,5 @@ def rewrite(out: str, n: int) -> dict:
 
 if __name__ == "__main__":
     command, folder, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    print(json.dumps({"build": build, "plan": plan, "rewrite": rewrite}[command](folder, count)))
+    steps = {"build": build, "plan": plan, "rewrite": rewrite, "query-store": query_store}
+    print(json.dumps(steps[command](folder, count)))
