@@ -127,6 +127,7 @@ def featurize_partition(
     batches: Iterable[pa.RecordBatch],
     weights,
     fingerprint: str,
+    engine: str,
     batch_size: int,
     io_threads: int,
     data_dir: str,
@@ -161,9 +162,9 @@ def featurize_partition(
                     failed.append((row, status, reason))
             if len(ok_rows) == batch_size or (ok_rows and not pending and exhausted):
                 if run is None:
-                    run = model.featurizer(weights, fingerprint, batch_size, threads)
+                    run = model.featurizer(weights, fingerprint, engine, batch_size, threads)
                     ready = time.monotonic() - started
-                features = model.features_for(run, np.stack(ok_pixels), batch_size)
+                features = run(np.stack(ok_pixels))
                 yield from files.add(feature_rows(ok_rows, features, fingerprint, schema))
                 done += len(ok_rows)
                 ok_rows, ok_pixels = [], []

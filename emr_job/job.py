@@ -68,6 +68,7 @@ class JobConfig:
     compact_after_hours: float = 12.0  # erased rows leave the table files at the first run after this
     keep_snapshots_hours: float = 1.0  # older snapshots (and the files only they reach) are removed
     glue_database: Optional[str] = None  # Glue database whose tables follow the published ones
+    engine: str = "onnx"  # what runs the network: "onnx" (ONNX Runtime) or "tensorflow" (the reference)
 
 
 class Timer:
@@ -120,15 +121,15 @@ def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) 
 
 def _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, files, plan, compact) -> dict:
     """The part of a run that writes: featurize, commit each table, publish, clean up."""
-    arrays = None
+    network = None
     with ThreadPoolExecutor(1) as pool:
-        if plan.featurize.num_rows:  # TensorFlow loads in the background while the JVM starts
-            arrays = pool.submit(model.load_arrays, weights)
+        if plan.featurize.num_rows:  # the network is prepared in the background while the JVM starts
+            network = pool.submit(model.payload, weights, cfg.engine)
         spark = session() if session else _local_session()
         timer.lap("start")
         commit = RunCommit(results, run_id, keep_snapshots_s=cfg.keep_snapshots_hours * 3600)
         _step(fail_at, "start")
-        status = _featurize(spark, cfg, plan, weights, arrays, commit, run_id, timer)
+        status = _featurize(spark, cfg, plan, weights, network, commit, run_id, timer)
     new_files = [r["path"] for r in status if r["status"] == FILE]
     new_failures = [r for r in status if r["status"] == FAILED]
     gone = sum(r["status"] == GONE for r in status)
@@ -164,6 +165,7 @@ def _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, file
         "output": results.root,
         "weights": weights.description,
         "weights_fingerprint": weights.fingerprint,
+        "engine": model.describe(cfg.engine),
         "images_total": n_ok + len(failure_rows),
         "images_ok": n_ok,
         "images_failed": len(failure_rows),
@@ -307,20 +309,22 @@ def _delete_files(results: Results) -> list:
     return [d for task in table.scan().plan_files() for d in task.delete_files]
 
 
-def _featurize(spark, cfg: JobConfig, plan: Plan, weights, arrays, commit: RunCommit, run_id: str, timer) -> list:
+def _featurize(spark, cfg: JobConfig, plan: Plan, weights, network, commit: RunCommit, run_id: str, timer) -> list:
     """The model pass over the images to (re)compute; returns the tasks' status rows as dicts."""
     if not plan.featurize.num_rows:
         return []
     slices = task_count(spark, plan.featurize.num_rows, cfg.batch_size)
-    warm_workers(spark, cfg.batch_size, min(slices, spark.sparkContext.defaultParallelism))
-    arrays = arrays.result()  # loaded meanwhile
+    if cfg.engine == "tensorflow":  # ONNX Runtime needs no warm-up: its session starts in milliseconds
+        warm_workers(spark, cfg.batch_size, min(slices, spark.sparkContext.defaultParallelism))
+    network = network.result()  # prepared meanwhile
     timer.lap("load_weights")
     commit.table("features")  # created now if this is the first run
-    weights_bc = spark.sparkContext.broadcast(arrays)
+    weights_bc = spark.sparkContext.broadcast(network)
     body = partial(
         featurize_partition,
         weights=weights_bc,
         fingerprint=weights.fingerprint,
+        engine=cfg.engine,
         batch_size=cfg.batch_size,
         io_threads=cfg.io_threads,
         data_dir=storage.join(commit.results.table_location("features"), "data"),

@@ -27,6 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--variance", type=float, help="keep the fewest components reaching this (default 0.95)")
     group.add_argument("--k", type=int, help="keep exactly k components")
+    parser.add_argument(
+        "--engine", choices=("onnx", "tensorflow"), default="onnx",
+        help="runs the network: onnx (ONNX Runtime, default, faster) or tensorflow (the reference)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     parser.add_argument("--io-threads", type=int, default=8, help="concurrent reads+decodes per task")
     parser.add_argument(
@@ -72,6 +76,7 @@ def main(argv=None) -> int:
         compact_after_hours=args.compact_after_hours,
         keep_snapshots_hours=args.keep_snapshots_hours,
         glue_database=args.glue_database,
+        engine=args.engine,
     )
     started = []
 

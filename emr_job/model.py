@@ -1,4 +1,5 @@
-"""MobileNetV2 feature extractor: weights resolved once on the driver, network rebuilt per Python worker."""
+"""MobileNetV2 feature extractor: weights resolved and checked once on the driver, the network run in each Python
+worker by ONNX Runtime (the default engine) or TensorFlow (the reference)."""
 
 from __future__ import annotations
 
@@ -71,34 +72,59 @@ def resolve_weights(spec: str, workdir: str) -> Weights:
 
 
 def load_arrays(weights: Weights) -> list:
-    """The arrays to broadcast. Raises WeightsError; never substitutes other weights."""
+    """The network's arrays in get_weights() order. A weights file is read and checked with h5py, without
+    TensorFlow; random and imagenet need Keras. Raises WeightsError; never substitutes other weights."""
+    if weights.local_path:
+        from emr_job.network import WeightsFileError, read_weights
+
+        try:
+            return read_weights(weights.local_path)
+        except WeightsFileError as exc:
+            raise WeightsError(
+                f"{weights.spec} is not a weights file for MobileNetV2(include_top=False, pooling='avg'): {exc}"
+            ) from None
     tf = _tf()
     if weights.spec == "random":
         tf.keras.utils.set_random_seed(RANDOM_SEED)
         return build_network().get_weights()
-    if weights.spec == "imagenet":
-        try:
-            net = tf.keras.applications.MobileNetV2(
-                input_shape=(224, 224, 3), include_top=False, pooling="avg", weights="imagenet"
-            )
-        except Exception as exc:
-            raise WeightsError(
-                f"could not download the ImageNet weights ({type(exc).__name__}: {exc}); without internet "
-                "access pass --weights PATH or s3://... to a MobileNetV2 weights file"
-            ) from None
-        return net.get_weights()
-    net = build_network()
     try:
-        net.load_weights(weights.local_path)
+        net = tf.keras.applications.MobileNetV2(
+            input_shape=(224, 224, 3), include_top=False, pooling="avg", weights="imagenet"
+        )
     except Exception as exc:
         raise WeightsError(
-            f"{weights.spec} is not a weights file for MobileNetV2(include_top=False, pooling='avg'): {exc}"
+            f"could not download the ImageNet weights ({type(exc).__name__}: {exc}); without internet "
+            "access pass --weights PATH or s3://... to a MobileNetV2 weights file"
         ) from None
     return net.get_weights()
 
 
+# --- engines: the same network and weights, executed by ONNX Runtime (default) or TensorFlow (reference) ----
+ENGINES = ("onnx", "tensorflow")
+
+
+def describe(engine: str) -> str:
+    """The engine and its version, for the report."""
+    from importlib.metadata import version
+
+    return {"onnx": f"onnxruntime {version('onnxruntime')}", "tensorflow": f"tensorflow {version('tensorflow-cpu')}"}[
+        engine
+    ]
+
+
+def payload(weights: Weights, engine: str):
+    """What the driver broadcasts: the ONNX model (bytes) or the arrays for TensorFlow."""
+    arrays = load_arrays(weights)
+    if engine == "tensorflow":
+        return arrays
+    from emr_job.network import onnx_model
+
+    return onnx_model(arrays)
+
+
 _COMPILED: dict = {}  # batch size -> (network, compiled call); one per Python worker process
-_LOADED: dict = {}  # batch size -> fingerprint of the weights now in that network
+_LOADED: dict = {}  # (engine, batch size) -> fingerprint of the weights now loaded
+_SESSIONS: dict = {}  # fingerprint -> ONNX Runtime session
 
 
 def compiled(batch_size: int, threads: int):
@@ -123,17 +149,29 @@ def compiled(batch_size: int, threads: int):
     return _COMPILED[batch_size]
 
 
-def featurizer(weights_broadcast, fingerprint: str, batch_size: int, threads: int):
-    """The compiled call with the broadcast weights in place (assigned once per worker and weights)."""
+def featurizer(payload_broadcast, fingerprint: str, engine: str, batch_size: int, threads: int):
+    """images (n <= batch_size, 224, 224, 3) uint8 -> features (n, 1280) float32, with the broadcast weights
+    in place (loaded once per worker and weights)."""
+    if engine == "onnx":
+        if fingerprint not in _SESSIONS:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads  # 1 per Spark task: ONNX Runtime then runs in the caller
+            options.inter_op_num_threads = 1
+            _SESSIONS.clear()
+            _SESSIONS[fingerprint] = ort.InferenceSession(payload_broadcast.value, options, ["CPUExecutionProvider"])
+        session = _SESSIONS[fingerprint]
+        return lambda images: session.run(None, {"images": images})[0]
     net, run = compiled(batch_size, threads)
     if _LOADED.get(batch_size) != fingerprint:
-        net.set_weights(weights_broadcast.value)  # variables are captured by reference: no retrace
+        net.set_weights(payload_broadcast.value)  # variables are captured by reference: no retrace
         _LOADED[batch_size] = fingerprint
-    return run
+    return lambda images: _padded(run, images, batch_size)
 
 
-def features_for(run, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Apply a featurizer to n <= batch_size images, padding to the compiled shape."""
+def _padded(run, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Apply the traced call to n <= batch_size images, padding to the compiled shape."""
     n = len(images)
     if n < batch_size:
         pad = np.zeros((batch_size - n, 224, 224, 3), dtype=np.uint8)

@@ -1,4 +1,9 @@
-"""PCA as sklearn computes it, from per-partition moments: sum of X^T X on executors, one eigh on the driver."""
+"""PCA as sklearn computes it, from per-partition moments: the scatter matrix of each partition on executors,
+merged and decomposed (one eigh) on the driver.
+
+Each partition accumulates around its own shift (the mean of its first slice), and the driver merges the
+partitions' means and scatters exactly (Chan et al.'s pairwise update): X^T X - n mean mean^T on raw features
+would cancel catastrophically wherever features vary little compared with their mean."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import pyarrow as pa
 
 from emr_job.model import FEATURE_DIM
 
-MOMENTS_SCHEMA = "n long, total binary, xtx binary"
+MOMENTS_SCHEMA = "n long, shift binary, total binary, xtx binary"
 FILE_ROWS_SCHEMA = "path string, count long"  # a data file written by a task, and its rows
 ROWS_PER_READ = 1024  # float64 slices that stay in cache: 1.6x faster X^T X than 4096-row slices
 
@@ -101,33 +106,44 @@ def _partition() -> int:
 
 
 def partition_moments(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: one row per partition with n, sum(x) and X^T X in float64."""
-    n, total, xtx = 0, np.zeros(FEATURE_DIM), np.zeros((FEATURE_DIM, FEATURE_DIM))
+    """mapInArrow body: one row per partition with n, its shift c, sum(x - c) and (x - c)^T (x - c) in float64."""
+    n, shift = 0, None
+    total, xtx = np.zeros(FEATURE_DIM), np.zeros((FEATURE_DIM, FEATURE_DIM))
     for batch in batches:
         if batch.num_rows == 0:
             continue
         x = _matrix(batch, "features").astype(np.float64)
+        if shift is None:
+            shift = x.mean(axis=0)
+        x -= shift
         n += len(x)
         total += x.sum(axis=0)
         xtx += x.T @ x  # numpy sees the transpose pair and uses BLAS syrk: half the work
     upper = xtx[np.triu_indices(FEATURE_DIM)]  # symmetric: half the bytes to ship to the driver
+    shift = np.zeros(FEATURE_DIM) if shift is None else shift
     yield pa.RecordBatch.from_pydict(
-        {"n": [n], "total": [total.tobytes()], "xtx": [upper.tobytes()]},
-        schema=pa.schema([("n", pa.int64()), ("total", pa.binary()), ("xtx", pa.binary())]),
+        {"n": [n], "shift": [shift.tobytes()], "total": [total.tobytes()], "xtx": [upper.tobytes()]},
+        schema=pa.schema([("n", pa.int64()), ("shift", pa.binary()), ("total", pa.binary()), ("xtx", pa.binary())]),
     )
 
 
 def fit_from_moments(moments: list, variance: Optional[float], k: Optional[int]) -> PcaModel:
+    moments = [row for row in moments if row["n"]]
     n = sum(row["n"] for row in moments)
     if n < 2:
         raise PcaError(f"PCA needs at least 2 images with features; there {'is' if n == 1 else 'are'} {n}")
-    total = sum(np.frombuffer(row["total"]) for row in moments)
-    upper = sum(np.frombuffer(row["xtx"]) for row in moments)
-    xtx = np.zeros((FEATURE_DIM, FEATURE_DIM))
-    xtx[np.triu_indices(FEATURE_DIM)] = upper
-    xtx = xtx + np.triu(xtx, 1).T
-    mean = total / n
-    cov = (xtx - n * np.outer(mean, mean)) / (n - 1)
+    counts = np.array([row["n"] for row in moments], np.float64)
+    means, scatter = [], np.zeros((FEATURE_DIM, FEATURE_DIM))
+    for row in moments:
+        total = np.frombuffer(row["total"])
+        upper = np.zeros((FEATURE_DIM, FEATURE_DIM))
+        upper[np.triu_indices(FEATURE_DIM)] = np.frombuffer(row["xtx"])
+        scatter += upper + np.triu(upper, 1).T - np.outer(total, total) / row["n"]  # around the partition's mean
+        means.append(np.frombuffer(row["shift"]) + total / row["n"])
+    mean = (counts[:, None] * np.array(means)).sum(axis=0) / n
+    for count, part_mean in zip(counts, means):  # and the spread of the partitions' means
+        scatter += count * np.outer(part_mean - mean, part_mean - mean)
+    cov = scatter / (n - 1)
     eigvals, eigvecs = np.linalg.eigh(cov)
     order = np.argsort(eigvals)[::-1]
     eigvals, eigvecs = np.clip(eigvals[order], 0.0, None), eigvecs[:, order]

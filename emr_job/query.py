@@ -91,14 +91,14 @@ def read_images(paths: list) -> np.ndarray:
     return np.stack(pixels)
 
 
-def featurize(weights: model.Weights, pixels: np.ndarray) -> np.ndarray:
+def featurize(weights: model.Weights, pixels: np.ndarray, engine: str = "onnx") -> np.ndarray:
     """The job's feature computation (emr_job.model.featurizer) on these pixels."""
-    arrays = model.load_arrays(weights)
-    run = model.featurizer(SimpleNamespace(value=arrays), weights.fingerprint, BATCH, os.cpu_count() or 1)
-    return np.concatenate([model.features_for(run, pixels[i : i + BATCH], BATCH) for i in range(0, len(pixels), BATCH)])
+    network = SimpleNamespace(value=model.payload(weights, engine))
+    run = model.featurizer(network, weights.fingerprint, engine, BATCH, os.cpu_count() or 1)
+    return np.concatenate([run(pixels[i : i + BATCH]) for i in range(0, len(pixels), BATCH)])
 
 
-def query(root: str, images: list, weights: Optional[str] = None, top: int = 5) -> list:
+def query(root: str, images: list, weights: Optional[str] = None, top: int = 5, engine: str = "onnx") -> list:
     """Answers for each image, nearest stored images first."""
     if top < 1:
         raise QueryError(f"--top must be at least 1, got {top}")
@@ -107,7 +107,7 @@ def query(root: str, images: list, weights: Optional[str] = None, top: int = 5) 
     w = check_weights(fit, weights)
     loaded = time.monotonic()
     pixels = read_images(images)
-    features = featurize(w, pixels)
+    features = featurize(w, pixels, engine)
     coords = fit.project(features)
     featurized = time.monotonic()
     index, dist = quality.nearest(coords, stored.coords, top)
@@ -140,11 +140,12 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", help="the job's --weights (default: the ones the results name); checked")
     parser.add_argument("--top", type=int, default=5, help="nearest stored images to show (default 5)")
     parser.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    parser.add_argument("--engine", choices=model.ENGINES, default="onnx", help="as the job's --engine")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or s3:// URIs")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        answers = query(args.results, args.images, args.weights, args.top)
+        answers = query(args.results, args.images, args.weights, args.top, args.engine)
     except (QueryError, fitted.ModelError, model.WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -48,13 +48,29 @@ def moto_server():
 
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory):
-    """A real Keras weights file for the model (seeded; ImageNet cannot be downloaded offline)."""
+    """A real Keras weights file for the model (seeded; ImageNet cannot be downloaded offline). Each batch-norm
+    layer's statistics are set from its input on fixture images, as training leaves them, with random scale
+    and shift: activations keep a trained network's range, so features differ from image to image."""
+    import numpy as np
     import tensorflow as tf
 
     from emr_job.model import build_network
+    from tests.job.images import rgb
 
     tf.keras.utils.set_random_seed(7)
     net = build_network()
+    rng = np.random.default_rng(7)
+    images = np.stack([np.asarray(rgb(i, size=(224, 224)), np.float32) / 127.5 - 1.0 for i in range(16)])
+    norms = [layer for layer in net.layers if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    for layer in norms:
+        n = layer.get_weights()[0].shape[0]
+        layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n), np.zeros(n), np.ones(n)])
+    # One pass in training mode normalizes every layer by its batch statistics: keeping them as the moving
+    # statistics makes inference reproduce that pass.
+    seen = tf.keras.Model(net.inputs, [layer.input for layer in norms])([images], training=True)
+    for layer, x in zip(norms, seen):
+        gamma, beta, _, _ = layer.get_weights()
+        layer.set_weights([gamma, beta, x.numpy().mean(axis=(0, 1, 2)), x.numpy().var(axis=(0, 1, 2))])
     path = str(tmp_path_factory.mktemp("weights") / "mobilenet_v2_test.weights.h5")
     net.save_weights(path)
     return path

@@ -1,8 +1,10 @@
 """`make bench`: the numbers docs/PERFORMANCE.md reports, measured in one run on this machine.
 
-  job         model limit (MobileNetV2 as a tf.function on tensors in RAM); cold `python -m emr_job` on N
-              synthetic 100x100 JPEGs (wall time, stages, peak RSS per process); re-runs with nothing changed
-              and with 1% new; the cold job on SCALE_N images (peak RSS should not grow with N)
+  job         model limits (MobileNetV2 as a tf.function, and as the job's ONNX model, on tensors in RAM);
+              cold `python -m emr_job` on N synthetic 100x100 JPEGs (wall time, stages, peak RSS per process),
+              and with --engine tensorflow; the peer (the usual Spark approach, tests/bench/peer.py) on the
+              same images; re-runs with nothing changed and with 1% new; the cold job on SCALE_N images
+              (peak RSS should not grow with N); --predict-batch-udf adds Spark's predict_batch_udf
   pca         emr_job.pca against pyspark.ml.feature.PCA on the same 20,000 x 1280 features, k=100
   trigger     the trigger on 10 and on 10,000 records after a million changes (moto): AWS calls, time
   reconcile   planning on STORED synthetic feature rows with 1% changed (wall, peak RSS), bytes rewritten
@@ -29,20 +31,29 @@ sys.path[:0] = [str(ROOT), str(ROOT / "lambdas")]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
 
 LIMIT_CODE = """
-import json, sys, time
+import json, os, sys, time
 import numpy as np
-from emr_job.model import build_network, _tf
-tf = _tf()
-batch, seconds = int(sys.argv[1]), float(sys.argv[2])
-net = build_network()
-@tf.function(input_signature=[tf.TensorSpec([batch, 224, 224, 3], tf.uint8)])
-def run(images):
-    return net(tf.cast(images, tf.float32) / 127.5 - 1.0, training=False)
+engine, batch, seconds, weights = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 x = np.random.default_rng(0).integers(0, 255, (batch, 224, 224, 3), dtype=np.uint8)
-run(x).numpy()
+if engine == "tensorflow":  # MobileNetV2 as one tf.function, TensorFlow's own threads
+    from emr_job.model import build_network, _tf
+    tf = _tf()
+    net = build_network()
+    @tf.function(input_signature=[tf.TensorSpec([batch, 224, 224, 3], tf.uint8)])
+    def run(images):
+        return net(tf.cast(images, tf.float32) / 127.5 - 1.0, training=False)
+    call = lambda: run(x).numpy()
+else:  # the same network and weights as ONNX Runtime runs them in the job, one thread per core
+    import onnxruntime as ort
+    from emr_job import network
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count()
+    session = ort.InferenceSession(network.onnx_model(network.read_weights(weights)), options)
+    call = lambda: session.run(None, {"images": x})
+call()
 n, start = 0, time.perf_counter()
 while time.perf_counter() - start < seconds:
-    run(x).numpy()
+    call()
     n += batch
 print(json.dumps({"limit_img_s": n / (time.perf_counter() - start)}))
 """
@@ -143,22 +154,30 @@ def make_images(root: Path, n: int, seed: int = 0, prefix: str = "") -> int:
     return n
 
 
-def model_limit(batch: int, seconds: float) -> float:
-    out = subprocess.run(
-        [sys.executable, "-c", LIMIT_CODE, str(batch), str(seconds)], cwd=ROOT, env=ENV, capture_output=True, text=True
-    )
+def model_limit(engine: str, batch: int, seconds: float, weights: Path) -> float:
+    """Images per second of the network alone on tensors in RAM, one process using every core."""
+    cmd = [sys.executable, "-c", LIMIT_CODE, engine, str(batch), str(seconds), str(weights)]
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])["limit_img_s"]
 
 
-def job(images: Path, output: Path, weights: Path) -> dict:
+def job(images: Path, output: Path, weights: Path, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "emr_job", "--input", str(images), "--output", str(output), "--weights", str(weights)]
-    measured = run_measured(cmd)
+    measured = run_measured([*cmd, *extra])
     report = json.loads((output / "report.json").read_text())
     stages = dict(report["timings_s"])
     stages["startup"] = round(measured["wall_s"] - stages.pop("total"), 2)  # interpreter, JVM, exit
     return {**measured, "report": report, "stages_s": stages}
+
+
+def peer(images: Path, output: Path, weights: Path, k: int, *extra: str) -> dict:
+    """The usual Spark approach (tests/bench/peer.py), cold, on the same images and weights, with the same k."""
+    cmd = [sys.executable, str(ROOT / "tests" / "bench" / "peer.py"), "--input", str(images), "--output", str(output),
+           "--weights", str(weights), "--k", str(k), *extra]  # fmt: skip
+    measured = run_measured(cmd)
+    return {**json.loads(measured.pop("stdout").strip().splitlines()[-1]), **measured}
 
 
 def save_weights(path: Path) -> None:
@@ -347,11 +366,18 @@ def job_benchmark(work: Path, args, log) -> dict:
     images = work / "images"
     make_images(images, args.n)
 
-    log("model limit")
-    limit = model_limit(args.batch_size, 20.0)
-    log(f"model limit {limit:.1f} img/s; cold job on {args.n} images")
+    log("model limits: TensorFlow, ONNX Runtime")
+    limit = model_limit("tensorflow", args.batch_size, 20.0, weights)
+    limit_onnx = model_limit("onnx", args.batch_size, 20.0, weights)
+    log(f"limits {limit:.1f} / {limit_onnx:.1f} img/s; the project cold on {args.n} images")
     full = job(images, work / "out", weights)
     job_img_s = args.n / full["wall_s"]
+    featurize_img_s = args.n / full["stages_s"]["featurize"]
+    log("the project with --engine tensorflow (the reference path)")
+    tf_run = job(images, work / "out-tf", weights, "--engine", "tensorflow")
+    log("the peer: binaryFile -> pandas_udf(model.predict) -> pyspark.ml PCA")
+    usual = peer(images, work / "peer", weights, full["report"]["k"])
+    shutil.rmtree(work / "peer", ignore_errors=True)
 
     log("re-run with nothing changed")
     cmd = [sys.executable, "-m", "emr_job", "--input", str(images), "--output", str(work / "out"), "--weights"]
@@ -363,18 +389,39 @@ def job_benchmark(work: Path, args, log) -> dict:
     result = {
         "n": args.n,
         "limit_img_s": round(limit, 1),
+        "limit_onnx_img_s": round(limit_onnx, 1),
         "job_img_s": round(job_img_s, 1),
         "ratio": round(job_img_s / limit, 3),
+        "ratio_to_onnx_limit": round(job_img_s / limit_onnx, 3),
+        "featurize_img_s": round(featurize_img_s, 1),
+        "featurize_ratio": round(featurize_img_s / limit, 3),
+        "featurize_ratio_to_onnx_limit": round(featurize_img_s / limit_onnx, 3),
         "job_wall_s": full["wall_s"],
         "stages_s": full["stages_s"],
         "peak_rss_mb": full["peak_rss_mb"],
         "peak_rss_total_mb": full["peak_rss_total_mb"],
+        "job_tensorflow_wall_s": tf_run["wall_s"],
+        "job_tensorflow_img_s": round(args.n / tf_run["wall_s"], 1),
+        "job_tensorflow_stages_s": tf_run["stages_s"],
+        "peer_wall_s": usual["wall_s"],
+        "peer_img_s": round(args.n / usual["wall_s"], 1),
+        "peer_ratio": round(args.n / usual["wall_s"] / limit, 3),
+        "peer_peak_rss_total_mb": usual["peak_rss_total_mb"],
+        "project_over_peer": round(usual["wall_s"] / full["wall_s"], 2),
         "unchanged_wall_s": unchanged["wall_s"],
         "rerun_1pct_wall_s": rerun["wall_s"],
         "rerun_featurized": rerun["report"]["images_featurized"],
         "rerun_fraction_of_full": round(rerun["wall_s"] / full["wall_s"], 3),
         "rerun_stages_s": rerun["stages_s"],
     }
+    if args.predict_batch_udf:
+        log("Spark's predict_batch_udf, decoding in a UDF (8 GB cap, 20 min at most)")
+        try:
+            pbu = peer(images, work / "peer-pbu", weights, full["report"]["k"], "--predict-batch-udf")
+            result["predict_batch_udf"] = {"wall_s": pbu["wall_s"], "img_s": round(args.n / pbu["wall_s"], 1),
+                                           "peak_rss_total_mb": pbu["peak_rss_total_mb"]}  # fmt: skip
+        except RuntimeError as exc:
+            result["predict_batch_udf"] = {"failed": str(exc)[-300:]}
     if args.scale_n:
         log(f"cold job on {args.scale_n} images (memory scaling)")
         big = work / "images-big"
@@ -386,10 +433,24 @@ def job_benchmark(work: Path, args, log) -> dict:
             "job_wall_s": scaled["wall_s"],
             "job_img_s": round(args.scale_n / scaled["wall_s"], 1),
             "ratio": round(args.scale_n / scaled["wall_s"] / limit, 3),
+            "ratio_to_onnx_limit": round(args.scale_n / scaled["wall_s"] / limit_onnx, 3),
+            "stages_s": scaled["stages_s"],
             "peak_rss_mb": scaled["peak_rss_mb"],
             "peak_rss_total_mb": scaled["peak_rss_total_mb"],
         }
+    log(side_by_side(result))
     return result
+
+
+def side_by_side(r: dict) -> str:
+    """The one line issue 12 asks for."""
+    return (
+        f"{r['n']} images: model limit {r['limit_img_s']} img/s (TensorFlow), {r['limit_onnx_img_s']} (ONNX Runtime);"
+        f" project {r['job_img_s']} img/s end to end = {r['ratio']}x the TensorFlow limit"
+        f" (featurize stage {r['featurize_ratio']}x); peer {r['peer_img_s']} img/s = {r['peer_ratio']}x;"
+        f" project / peer = {r['project_over_peer']}x; no-change run {r['unchanged_wall_s']} s;"
+        f" 1% change {r['rerun_fraction_of_full']} of a full run"
+    )
 
 
 def main(argv=None) -> int:
@@ -400,6 +461,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--stored", type=int, default=1_000_000, help="stored images for the planning section")
     parser.add_argument("--only", choices=["job", "pca", "trigger", "reconcile", "query"], help="run one section")
+    parser.add_argument("--predict-batch-udf", action="store_true", help="also Spark's predict_batch_udf (slow)")
     args = parser.parse_args(argv)
     work = Path(args.out)
     shutil.rmtree(work, ignore_errors=True)

@@ -64,7 +64,8 @@ def test_real_world_tree_is_fully_accounted_for(job, tmp_path, weights_file):
     assert published(out)["runs"] == {name: rpt["run_id"] for name in ("features", "pca", "failures")}
 
 
-def test_features_equal_mobilenet_applied_directly(job, tmp_path, weights_file):
+@pytest.mark.parametrize("engine", ["onnx", "tensorflow"])
+def test_features_equal_mobilenet_applied_directly(job, tmp_path, weights_file, engine):
     import tensorflow as tf
 
     from emr_job.model import build_network
@@ -73,8 +74,9 @@ def test_features_equal_mobilenet_applied_directly(job, tmp_path, weights_file):
     src, out = tmp_path / "in", tmp_path / "out"
     paths = [write(f"{src}/a/{i}.png", encoded(rgb(i, size=(50 + 30 * i, 80)), "PNG")) for i in range(3)]
 
-    # When the job featurizes them
-    job(src, out, weights=weights_file, k=2)
+    # When the job featurizes them with either engine
+    rpt = job(src, out, weights=weights_file, k=2, engine=engine)
+    assert rpt["engine"].split()[0] == {"onnx": "onnxruntime", "tensorflow": "tensorflow"}[engine]
 
     # Then the features are MobileNetV2 with those weights on the resized, preprocessed image
     net = build_network()
@@ -82,8 +84,9 @@ def test_features_equal_mobilenet_applied_directly(job, tmp_path, weights_file):
     batch = np.stack([np.asarray(Image.open(p).convert("RGB").resize((224, 224), Image.BILINEAR)) for p in paths])
     expected = net.predict(tf.keras.applications.mobilenet_v2.preprocess_input(batch.astype("float32")), verbose=0)
     got = rows(out, "features")
+    assert np.abs(expected).max() > 0.1  # a trained network's scale: the comparison below is not vacuous
     for path, want in zip(paths, expected):
-        np.testing.assert_allclose(got[path]["features"], want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[path]["features"], want, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
 def test_pca_matches_sklearn(job, tmp_path, weights_file):
