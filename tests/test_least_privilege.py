@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -28,6 +29,14 @@ def recorder(moto_server, tmp_path, monkeypatch):
 
     path = str(tmp_path / "recording.jsonl")
     monkeypatch.setattr(moto_recorder, "_location", path)
+    # The server records from one thread per request, each entry in several buffered writes: serialize them
+    lock, record = threading.Lock(), moto_recorder._record_request
+
+    def record_one_at_a_time(*args, **kwargs):
+        with lock:
+            record(*args, **kwargs)
+
+    monkeypatch.setattr(moto_recorder, "_record_request", record_one_at_a_time)
     moto_recorder.start_recording()
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     yield path
