@@ -5,6 +5,7 @@ files the driver then commits) and returns their names, plus one row per image t
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -20,6 +21,7 @@ from emr_job.images import ImageError, decode_image
 from emr_job.storage import read_bytes, write_parquet
 
 IN_SCHEMA = "path string, label string, version string"
+IN_ARROW = pa.schema([("path", pa.string()), ("label", pa.string()), ("version", pa.string())])
 # One row per failed or vanished image, and one per data file written (status "file", its rows in `count`).
 OUT_SCHEMA = "path string, label string, version string, status string, reason string, count long"
 OK, FAILED, GONE, FILE = "ok", "failed", "gone", "file"  # GONE: deleted before it could be read, i.e. erased
@@ -108,11 +110,12 @@ class FileRoller:
 
 
 def _task() -> tuple[int, int]:
-    """(cores, partition id) of the running Spark task; (1, 0) outside Spark."""
+    """(cores, partition id) of the running Spark task; in the driver, its cores (at most 4: a driver's share
+    of a cluster node is small, and a machine's count would oversubscribe it) and partition 0."""
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
-    return (ctx.cpus(), ctx.partitionId()) if ctx is not None else (1, 0)
+    return (ctx.cpus(), ctx.partitionId()) if ctx is not None else (min(4, len(os.sched_getaffinity(0))), 0)
 
 
 def prepare_worker(batches: Iterable[pa.RecordBatch], batch_size: int) -> Iterator[pa.RecordBatch]:

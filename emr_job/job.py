@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import numpy as np
@@ -22,6 +23,7 @@ from emr_job.featurize import (
     FAILED,
     FILE,
     GONE,
+    IN_ARROW,
     IN_SCHEMA,
     OUT_SCHEMA,
     ROWS_PER_FILE,
@@ -51,6 +53,7 @@ from emr_job.store import (
 
 IMAGES_PER_TASK = 4000  # long tasks amortise per-task set-up; more tasks than cores only past this size
 FILE_TASKS_SCHEMA = "file string, deleted array<long>"
+FILE_TASKS_ARROW = pa.schema([("file", pa.string()), ("deleted", pa.list_(pa.int64()))])
 SMALL_FILES_TO_COMPACT = 16  # more data files than this under ROWS_PER_FILE / 4 rows are merged
 NO_LABEL = "(no label folder)"  # failures of files directly under the input
 CLOCK: Callable[[], float] = time.time  # tests move it to age deletes and snapshots
@@ -69,6 +72,10 @@ class JobConfig:
     keep_snapshots_hours: float = 1.0  # older snapshots (and the files only they reach) are removed
     glue_database: Optional[str] = None  # Glue database whose tables follow the published ones
     engine: str = "onnx"  # what runs the network: "onnx" (ONNX Runtime) or "tensorflow" (the reference)
+    # Work this small runs in the driver: a Spark job costs seconds to start (JVM, Python workers) on any
+    # cluster, more than featurizing this many images or reading this many feature rows.
+    driver_max_images: int = 256
+    driver_max_rows: int = 20000
 
 
 class Timer:
@@ -121,15 +128,19 @@ def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) 
 
 def _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, files, plan, compact) -> dict:
     """The part of a run that writes: featurize, commit each table, publish, clean up."""
-    network = None
+    network, spark = None, None
+    featurize_here = plan.featurize.num_rows <= cfg.driver_max_images
+    tables_here = plan.reused + plan.featurize.num_rows <= cfg.driver_max_rows  # PCA passes, compaction
     with ThreadPoolExecutor(1) as pool:
         if plan.featurize.num_rows:  # the network is prepared in the background while the JVM starts
             network = pool.submit(model.payload, weights, cfg.engine)
-        spark = session() if session else _local_session()
+        if not (featurize_here and tables_here):
+            spark = session() if session else _local_session()
         timer.lap("start")
         commit = RunCommit(results, run_id, keep_snapshots_s=cfg.keep_snapshots_hours * 3600)
         _step(fail_at, "start")
-        status = _featurize(spark, cfg, plan, weights, network, commit, run_id, timer)
+        status = _featurize(None if featurize_here else spark, cfg, plan, weights, network, commit, run_id, timer)
+        spark = None if tables_here else spark
     new_files = [r["path"] for r in status if r["status"] == FILE]
     new_failures = [r for r in status if r["status"] == FAILED]
     gone = sum(r["status"] == GONE for r in status)
@@ -279,9 +290,21 @@ def _live_after(files: list, change: TableChange) -> list:
     return live + [(path, np.array([], np.int64), None) for path in change.added]
 
 
-def _file_tasks(spark, live: list):
-    rows = [(path, [int(p) for p in deleted]) for path, deleted, _ in live]
-    return spark.createDataFrame(rows, FILE_TASKS_SCHEMA)
+def _map(spark, rows: list, schema: pa.Schema, ddl: str, body, out_schema: str, arrange=None) -> list:
+    """Apply a mapInArrow body to rows (dicts): in Spark tasks, the frame laid out by `arrange`; or here in the
+    driver, as one task, when spark is None. Returns the body's output rows as dicts."""
+    if spark is None:
+        batch = pa.RecordBatch.from_pylist(rows, schema=schema)
+        return [row for out in body(iter([batch])) for row in out.to_pylist()]
+    frame = spark.createDataFrame([tuple(r[name] for name in schema.names) for r in rows], ddl)
+    frame = arrange(frame) if arrange else frame
+    return [r.asDict() for r in frame.mapInArrow(body, out_schema).collect()]
+
+
+def _map_files(spark, live: list, body, out_schema: str, arrange=None) -> list:
+    """_map over feature data files: one row per file, with the positions deleted in it."""
+    rows = [{"file": path, "deleted": [int(p) for p in deleted]} for path, deleted, _ in live]
+    return _map(spark, rows, FILE_TASKS_ARROW, FILE_TASKS_SCHEMA, body, out_schema, arrange)
 
 
 def _compact(spark, commit: RunCommit, run_id: str, live: list, change: TableChange, results: Results) -> list:
@@ -293,7 +316,7 @@ def _compact(spark, commit: RunCommit, run_id: str, live: list, change: TableCha
     data_dir = storage.join(commit.results.table_location("features"), "data")
     body = partial(rewrite_files, data_dir=data_dir, run_id=f"{run_id}-compact", schema=schema)
     slices = max(1, math.ceil(sum(n - len(d) for _, d, n in old) / ROWS_PER_FILE))
-    written = _file_tasks(spark, old).coalesce(slices).mapInArrow(body, FILE_ROWS_SCHEMA).collect()
+    written = _map_files(spark, old, body, FILE_ROWS_SCHEMA, lambda frame: frame.coalesce(slices))
     rewritten = {p for p, _, _ in old}
     change.added += [r["path"] for r in written]
     change.removed |= rewritten
@@ -313,13 +336,13 @@ def _featurize(spark, cfg: JobConfig, plan: Plan, weights, network, commit: RunC
     """The model pass over the images to (re)compute; returns the tasks' status rows as dicts."""
     if not plan.featurize.num_rows:
         return []
-    slices = task_count(spark, plan.featurize.num_rows, cfg.batch_size)
-    if cfg.engine == "tensorflow":  # ONNX Runtime needs no warm-up: its session starts in milliseconds
+    slices = task_count(spark, plan.featurize.num_rows, cfg.batch_size) if spark else 1
+    if spark and cfg.engine == "tensorflow":  # ONNX Runtime needs no warm-up: its session starts in milliseconds
         warm_workers(spark, cfg.batch_size, min(slices, spark.sparkContext.defaultParallelism))
     network = network.result()  # prepared meanwhile
     timer.lap("load_weights")
     commit.table("features")  # created now if this is the first run
-    weights_bc = spark.sparkContext.broadcast(network)
+    weights_bc = spark.sparkContext.broadcast(network) if spark else SimpleNamespace(value=network)
     body = partial(
         featurize_partition,
         weights=weights_bc,
@@ -331,9 +354,12 @@ def _featurize(spark, cfg: JobConfig, plan: Plan, weights, network, commit: RunC
         run_id=run_id,
         schema=arrow_schema("features"),
     )
-    tasks = task_frame(spark, plan.featurize.to_pylist(), slices)
-    status = [r.asDict() for r in tasks.mapInArrow(body, OUT_SCHEMA).collect()]
-    weights_bc.unpersist()
+    # Evenly sized partitions: parallelize() alone slices by 1024-row serialization batches, leaving one task
+    # with the remainder while a core idles. The round-robin repartition runs in the JVM on a few KB of paths.
+    status = _map(spark, plan.featurize.to_pylist(), IN_ARROW, IN_SCHEMA, body, OUT_SCHEMA,
+                  lambda frame: frame.repartition(slices))  # fmt: skip
+    if spark:
+        weights_bc.unpersist()
     timer.lap("featurize")
     return status
 
@@ -341,9 +367,8 @@ def _featurize(spark, cfg: JobConfig, plan: Plan, weights, network, commit: RunC
 def _pca(spark, cfg: JobConfig, commit: RunCommit, run_id: str, live: list, rpt: dict, n_ok: int, weights, log):
     """Fit PCA on every live feature row, write the projections, update the report (variance, labels, quality);
     returns the run's files (plots, the fitted model) and the rows per label."""
-    tasks = _file_tasks(spark, live)
     try:
-        moments = tasks.mapInArrow(file_moments, MOMENTS_SCHEMA).collect() if live else []
+        moments = _map_files(spark, live, file_moments, MOMENTS_SCHEMA) if live else []
         pca = fit_from_moments(moments, cfg.variance if cfg.k is None else None, cfg.k)
     except PcaError as exc:
         if cfg.k is not None and n_ok >= 2:
@@ -363,7 +388,7 @@ def _pca(spark, cfg: JobConfig, commit: RunCommit, run_id: str, live: list, rpt:
         variance_png = pool.submit(report.variance_plot, pca.all_ratios, pca.k, rpt["variance_target"])
         body = partial(file_projection, mean=pca.mean, components=pca.components, data_dir=data_dir,
                        run_id=run_id, schema=schema)  # fmt: skip
-        written = tasks.mapInArrow(body, FILE_ROWS_SCHEMA).collect()
+        written = _map_files(spark, live, body, FILE_ROWS_SCHEMA)
         commit.apply("pca", TableChange(added=[r["path"] for r in written], replace_all=True))
         coords, labels, counts = _sample(written, report.MAX_SCATTER_POINTS)
         loo = quality.loo_accuracy(coords[: quality.MAX_SAMPLE], labels[: quality.MAX_SAMPLE])
@@ -409,15 +434,6 @@ def task_count(spark, images: int, batch_size: int) -> int:
     if images < parallelism * batch_size * 4:
         return max(1, min(parallelism, math.ceil(images / (batch_size * 4))))
     return parallelism * max(1, math.ceil(images / IMAGES_PER_TASK / parallelism))
-
-
-def task_frame(spark, rows: list, slices: int):
-    """Images to featurize in evenly sized partitions.
-
-    The round-robin repartition runs in the JVM on a few KB of paths. Without it, parallelize() (which
-    createDataFrame(list) uses) slices by 1024-row serialization batches: one task gets the remainder and
-    a core idles while it finishes."""
-    return spark.createDataFrame([(r["path"], r["label"], r["version"]) for r in rows], IN_SCHEMA).repartition(slices)
 
 
 def warm_workers(spark, batch_size: int, n: int) -> None:

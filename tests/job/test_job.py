@@ -111,6 +111,44 @@ def test_pca_matches_sklearn(job, tmp_path, weights_file):
         np.testing.assert_allclose(sign * got[:, j], want[:, j], atol=1e-4 * scale)
 
 
+def test_small_work_runs_in_the_driver_with_the_results_spark_gives(job, tmp_path, weights_file):
+    src, by_spark, by_driver = tmp_path / "in", tmp_path / "spark", tmp_path / "driver"
+
+    def no_spark():
+        raise AssertionError("small work started Spark")
+
+    def both() -> tuple:
+        cfg = job_module.JobConfig(input=str(src), output=str(by_driver), weights=weights_file, k=3)
+        return job(src, by_spark, weights=weights_file, k=3), job_module.run(cfg, session=no_spark)
+
+    def assert_same(spark_rpt, driver_rpt):
+        for key in ("images_ok", "images_failed", "images_featurized", "images_removed", "k", "failures_by_reason"):
+            assert spark_rpt[key] == driver_rpt[key], key
+        np.testing.assert_allclose(driver_rpt["explained_variance_ratio"], spark_rpt["explained_variance_ratio"],
+                                   rtol=1e-5)  # fmt: skip
+        spark_f, driver_f = rows(by_spark, "features"), rows(by_driver, "features")
+        assert sorted(spark_f) == sorted(driver_f)
+        for path in spark_f:
+            np.testing.assert_allclose(driver_f[path]["features"], spark_f[path]["features"], rtol=1e-4, atol=1e-5)
+        paths = sorted(spark_f)
+        got = np.array([rows(by_driver, "pca")[p]["pca"] for p in paths])
+        want = np.array([rows(by_spark, "pca")[p]["pca"] for p in paths])
+        np.testing.assert_allclose(got * np.sign((got * want).sum(axis=0)), want, atol=1e-4 * np.abs(want).max())
+        assert set(rows(by_driver, "failures")) == set(rows(by_spark, "failures")) == {f"{src}/a/broken.jpg"}
+
+    # Given a small tree with a broken file: once through Spark, once in the driver alone
+    make_tree(str(src), labels=("a", "b"), per_label=4)
+    write(f"{src}/a/broken.jpg", b"not an image")
+    assert_same(*both())
+
+    # Then an upload and an erasure, each path on its own store
+    write(f"{src}/b/new.jpg", encoded(rgb(42), "JPEG"))
+    os.remove(sorted(rows(by_spark, "features"))[0])
+    spark_rpt, driver_rpt = both()
+    assert (driver_rpt["images_featurized"], driver_rpt["images_removed"], driver_rpt["images_ok"]) == (1, 1, 8)
+    assert_same(spark_rpt, driver_rpt)
+
+
 def test_too_few_images_for_pca_is_a_clear_message(job, tmp_path, weights_file):
     src, out = tmp_path / "in", tmp_path / "out"
     make_tree(str(src), labels=("only",), per_label=1)
