@@ -127,8 +127,8 @@ def write_pca(commit, n: int, k: int = K) -> None:
     commit.apply("pca", TableChange(added=files, replace_all=True))
 
 
-def query_store(out: str, n: int) -> dict:
-    """Published results a query can use: a pca table of n rows (k=K) and a fitted model for random weights."""
+def query_store(out: str, n: int, weights_file: str = "random") -> dict:
+    """Published results a query can use: a pca table of n rows (k=K) and a fitted model for these weights."""
     from emr_job import fitted, storage
     from emr_job.model import FEATURE_DIM, resolve_weights
     from emr_job.pca import PcaModel
@@ -139,7 +139,7 @@ def query_store(out: str, n: int) -> dict:
     pca = PcaModel(rng.normal(size=FEATURE_DIM), components, np.full(K, 1.0 / K), np.full(K, 1.0 / K), n)
     commit = RunCommit(Results(out), "bench-query")
     write_pca(commit, n)
-    weights = resolve_weights("random", out)
+    weights = resolve_weights(weights_file, out)
     for name, data in fitted.files(pca, weights, "bench-query").items():
         storage.write_bytes(f"{out}/runs/bench-query/{name}", data)
     commit.publish({"run_id": "bench-query", "model": f"runs/bench-query/{fitted.MODEL_JSON}",
@@ -182,6 +182,6 @@ def rewrite(out: str, n: int) -> dict:
 
 
 if __name__ == "__main__":
-    command, folder, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    command, folder, count, *more = sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:]
     steps = {"build": build, "plan": plan, "rewrite": rewrite, "query-store": query_store}
-    print(json.dumps(steps[command](folder, count)))
+    print(json.dumps(steps[command](folder, count, *more)))
