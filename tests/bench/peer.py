@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     spark = (
         SparkSession.builder.master("local[*]").appName("peer")
         .config("spark.driver.memory", "4g")
-        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "256")
+        # A decoded image is 150,528 floats: 32 per Arrow batch for predict_batch_udf (its batch size)
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "32" if args.predict_batch_udf else "256")
         .config("spark.ui.enabled", "false")
         .getOrCreate()
     )  # fmt: skip
