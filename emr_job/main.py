@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -81,10 +82,15 @@ def main(argv=None) -> int:
     started = []
 
     def session():
-        started.append(spark_session())
+        if not started:
+            started.append(spark_session())
         return started[0]
 
     try:
+        if "PYSPARK_GATEWAY_PORT" in os.environ:
+            # Under spark-submit the SparkContext is made even for work the driver does alone: YARN's cluster
+            # mode (EMR on EC2 steps) fails an application that never creates one.
+            session()
         rpt = run(cfg, log=log.info, session=session)
     except CatalogError as exc:
         log.error("run failed: %s", exc)

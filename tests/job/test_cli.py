@@ -109,6 +109,27 @@ def test_unchanged_input_loads_no_tensorflow(tmp_path):
     assert "nothing changed under the input" in proc.stdout
 
 
+def test_under_spark_submit_every_run_creates_the_spark_context(tmp_path, monkeypatch, weights_file):
+    from emr_job import main, session
+
+    # Given published results of a small tree, made in the driver alone
+    src, out = str(tmp_path / "in"), str(tmp_path / "out")
+    make_tree(src, labels=("a", "b"), per_label=2)
+    args = ["--input", src, "--output", out, "--k", "2", "--weights", weights_file]
+    made, stopped = [], []
+    monkeypatch.setattr(
+        session, "spark_session", lambda: made.append(1) or type("S", (), {"stop": lambda self: stopped.append(1)})()
+    )
+    assert main.main(args) == 0 and not made
+
+    # When spark-submit starts a run with nothing to do
+    monkeypatch.setenv("PYSPARK_GATEWAY_PORT", "0")
+    assert main.main(args) == 0
+
+    # Then it still made its SparkContext, once, and stopped it: YARN's cluster mode fails a run without one
+    assert (len(made), len(stopped)) == (1, 1)
+
+
 def test_cli_imagenet_without_network_fails_clearly(tmp_path):
     # Given a tree and no way to reach the ImageNet weights (a dead proxy, an empty Keras cache)
     src = str(tmp_path / "in")
