@@ -123,7 +123,7 @@ def payload(weights: Weights, engine: str):
 
 
 _COMPILED: dict = {}  # batch size -> (network, compiled call); one per Python worker process
-_LOADED: dict = {}  # (engine, batch size) -> fingerprint of the weights now loaded
+_LOADED: dict = {}  # batch size -> fingerprint of the weights now in that TensorFlow network
 _SESSIONS: dict = {}  # fingerprint -> ONNX Runtime session
 
 
