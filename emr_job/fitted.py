@@ -17,6 +17,7 @@ import numpy as np
 
 from emr_job import storage
 from emr_job.model import FEATURE_SPEC
+from emr_job.pca import project
 
 FORMAT = 1
 MODEL_JSON, MODEL_NPZ = "model.json", "pca_model.npz"
@@ -41,8 +42,8 @@ class Fitted:
         return len(self.components)
 
     def project(self, features: np.ndarray) -> np.ndarray:
-        """The job's projection (emr_job.pca.project_partition): float64 arithmetic, float32 result."""
-        return ((np.asarray(features, np.float64) - self.mean) @ self.components.T).astype(np.float32)
+        """The job's projection of the stored rows."""
+        return project(features, self.mean, self.components)
 
 
 def files(pca, weights, run_id: str) -> dict:

@@ -155,7 +155,7 @@ def _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, file
             del change.deletes[old.path]
     maintenance = dict((results.report or {}).get("maintenance") or {})
     if compact:
-        live = _compact(spark, commit, run_id, live, change, results)
+        live = _compact(spark, commit, run_id, live, change, files)
         maintenance["compacted_at"] = _iso(CLOCK())
         maintenance["oldest_uncompacted_delete"] = None
     elif change.deletes and not maintenance.get("oldest_uncompacted_delete"):
@@ -307,7 +307,7 @@ def _map_files(spark, live: list, body, out_schema: str, arrange=None) -> list:
     return _map(spark, rows, FILE_TASKS_ARROW, FILE_TASKS_SCHEMA, body, out_schema, arrange)
 
 
-def _compact(spark, commit: RunCommit, run_id: str, live: list, change: TableChange, results: Results) -> list:
+def _compact(spark, commit: RunCommit, run_id: str, live: list, change: TableChange, files: list) -> list:
     """Files with deleted rows, and small files, rewritten into full files without those rows."""
     old = [(p, d, n) for p, d, n in live if n is not None and (len(d) or n < ROWS_PER_FILE // 4)]
     if not old:
@@ -320,16 +320,9 @@ def _compact(spark, commit: RunCommit, run_id: str, live: list, change: TableCha
     rewritten = {p for p, _, _ in old}
     change.added += [r["path"] for r in written]
     change.removed |= rewritten
-    change.removed |= {f.file_path for f in _delete_files(results)}  # every delete now points at a removed file
+    change.removed |= {d for f in files for d in f.delete_files}  # every delete now points at a removed file
     change.deletes = {}
     return [x for x in live if x[0] not in rewritten] + [(r["path"], np.array([], np.int64), None) for r in written]
-
-
-def _delete_files(results: Results) -> list:
-    table = results.table("features")
-    if table is None or table.current_snapshot() is None:
-        return []
-    return [d for task in table.scan().plan_files() for d in task.delete_files]
 
 
 def _featurize(spark, cfg: JobConfig, plan: Plan, weights, network, commit: RunCommit, run_id: str, timer) -> list:
@@ -429,7 +422,7 @@ def _sample(written: list, size: int) -> tuple:
 
 
 def task_count(spark, images: int, batch_size: int) -> int:
-    """A multiple of the cores for real work; fewer tasks (and TensorFlow starts) for a small increment."""
+    """A multiple of the cores for real work; fewer tasks (and worker starts) for a small increment."""
     parallelism = spark.sparkContext.defaultParallelism
     if images < parallelism * batch_size * 4:
         return max(1, min(parallelism, math.ceil(images / (batch_size * 4))))

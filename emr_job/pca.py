@@ -164,13 +164,18 @@ def fit_from_moments(moments: list, variance: Optional[float], k: Optional[int])
     return PcaModel(mean, components, ratios[:k], ratios, n)
 
 
+def project(features: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """(features - mean) @ components.T in float64, as float32: the stored rows and a query's alike."""
+    return ((np.asarray(features, np.float64) - mean) @ components.T).astype(np.float32)
+
+
 def project_partition(batches: Iterable[pa.RecordBatch], mean: np.ndarray, components: np.ndarray):
-    """mapInArrow body: features -> (features - mean) @ components.T, as float32 arrays."""
+    """mapInArrow body: features -> their projection (project), as float32 arrays."""
     k = len(components)
     for batch in batches:
         if batch.num_rows == 0:
             continue
-        coords = ((_matrix(batch, "features").astype(np.float64) - mean) @ components.T).astype(np.float32)
+        coords = project(_matrix(batch, "features"), mean, components)
         offsets = pa.array(np.arange(0, (batch.num_rows + 1) * k, k, dtype=np.int32))
         yield pa.RecordBatch.from_arrays(
             [

@@ -116,7 +116,7 @@ class LiveFile:
     path: str
     rows: int
     deleted: np.ndarray  # int64 positions
-    data_file: object = None  # pyiceberg DataFile
+    delete_files: tuple = ()  # paths of the position delete files that apply to it
 
 
 class Results:
@@ -175,7 +175,8 @@ def live_files(table) -> list:
     for task in tasks:
         chunks = [c for arr in deletes.get(task.file.file_path, []) for c in arr.chunks]
         positions = np.unique(np.concatenate([c.to_numpy() for c in chunks])) if chunks else np.array([], np.int64)
-        out.append(LiveFile(task.file.file_path, task.file.record_count, positions.astype(np.int64), task.file))
+        out.append(LiveFile(task.file.file_path, task.file.record_count, positions.astype(np.int64),
+                            tuple(d.file_path for d in task.delete_files)))  # fmt: skip
     return out
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pyiceberg.manifest import ManifestContent
 
 from emr_job import job as job_module
 from emr_job.pca import PcaError
-from emr_job.store import CommitError
+from emr_job.store import CommitError, Results
 from tests.job.images import bomb_png, encoded, every_mode, exif_rotated_jpeg, make_tree, rgb, write
 from tests.job.results import files_holding, published, rows
 
@@ -289,6 +290,9 @@ def test_erased_image_leaves_every_file_of_the_results(job, tmp_path, monkeypatc
     compacted = job(src, out, k=2, keep_snapshots_hours=0)
     assert compacted["maintenance"]["compacted_at"]
     assert files_holding(out, victim) == []
+    table = Results(str(out)).table("features")  # and its snapshot keeps no delete file at all
+    assert [e for m in table.current_snapshot().manifests(table.io) if m.content == ManifestContent.DELETES
+            for e in m.fetch_manifest_entry(table.io, discard_deleted=True)] == []  # fmt: skip
     assert len(rows(out, "features")) == 5
 
 
