@@ -16,7 +16,7 @@ from pipeline.launchers import JobOutcome, StartRefused
 from pipeline.notifications import TICK
 from pipeline.observability import count, digest, logger
 from pipeline.settings import Settings
-from pipeline.state import Conflict, PipelineState, Run, State
+from pipeline.state import Conflict, PipelineState, Run, State, retry_delay_s
 
 STARTING_GRACE_S = 300  # a claim without a job id older than this lost its starter (the function timeout is 120 s)
 TIMEOUT_SLACK_S = 900  # EMR stops a run at its timeout; past this as well, someone should look
@@ -147,7 +147,7 @@ def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
     if not outcome.succeeded:
         gave_up = state.failures + 1 >= s.max_attempts
         then = "no more automatic runs until a new change or the daily reconciliation" if gave_up else (
-            f"retrying in {s.retry_base_seconds * 2 ** min(state.failures, 8) // 60} minutes")  # fmt: skip
+            f"retrying in {retry_delay_s(s.retry_base_seconds, state.failures) // 60} minutes")  # fmt: skip
         alert = _alert(f"run {run.run_id} ended {outcome.state}", run, outcome.state, f"{outcome.detail}; {then}")
     try:
         p.state.settle(state, outcome.succeeded, record, alert, s.retry_base_seconds, s.max_attempts)

@@ -94,11 +94,7 @@ def _s3_record(record, bucket: str, prefix: str, signals: Signals) -> None:
     if not name.startswith(CHANGE_PREFIXES):
         signals.ignored[f"event {name}"] += 1
         return
-    s3 = record.get("s3")
-    where = (s3.get("bucket") or {}).get("name") if isinstance(s3, dict) else None
-    key = (s3.get("object") or {}).get("key") if isinstance(s3, dict) else None
-    if not isinstance(where, str) or not isinstance(key, str):
-        raise ValueError("an S3 record lacks s3.bucket.name or s3.object.key as strings")
+    where, key = _bucket_and_key(record, "s3", "an S3 record")
     if _relevant(where, unquote_plus(key), bucket, prefix, signals):
         signals.saw_change(_epoch(record.get("eventTime")))
 
@@ -107,13 +103,19 @@ def _eventbridge(doc: dict, bucket: str, prefix: str, signals: Signals) -> None:
     if doc["detail-type"] not in EVENTBRIDGE_CHANGES:
         signals.ignored[f"event {doc['detail-type']}"] += 1
         return
-    detail = doc.get("detail")
-    where = (detail.get("bucket") or {}).get("name") if isinstance(detail, dict) else None
-    key = (detail.get("object") or {}).get("key") if isinstance(detail, dict) else None
-    if not isinstance(where, str) or not isinstance(key, str):
-        raise ValueError("an EventBridge S3 event lacks detail.bucket.name or detail.object.key as strings")
+    where, key = _bucket_and_key(doc, "detail", "an EventBridge S3 event")
     if _relevant(where, key, bucket, prefix, signals):
         signals.saw_change(_epoch(doc.get("time")))
+
+
+def _bucket_and_key(doc: dict, field: str, what: str) -> tuple:
+    """doc[field].bucket.name and doc[field].object.key, where both notification shapes keep them."""
+    body = doc.get(field)
+    where = (body.get("bucket") or {}).get("name") if isinstance(body, dict) else None
+    key = (body.get("object") or {}).get("key") if isinstance(body, dict) else None
+    if not isinstance(where, str) or not isinstance(key, str):
+        raise ValueError(f"{what} lacks {field}.bucket.name or {field}.object.key as strings")
+    return where, key
 
 
 def _relevant(where: str, key: str, bucket: str, prefix: str, signals: Signals) -> bool:

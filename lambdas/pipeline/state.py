@@ -203,8 +203,7 @@ class PipelineState:
                max_attempts: int) -> None:  # fmt: skip
         """End the active run, once: the condition on its run_id makes a retried invocation a Conflict."""
         run, now = seen.run, self.clock()
-        last_run = {"M": {k: _s(str(v)) for k, v in {**outcome, "ended_at": int(now)}.items()}}
-        values = {":id": _s(run.run_id), ":last": last_run}
+        values = {":id": _s(run.run_id), ":last": _strings({**outcome, "ended_at": int(now)})}
         if succeeded:
             expression = (
                 "SET processed_gen = :gen, failures = :zero, last_run = :last REMOVE #run, retry_at, given_up_gen"
@@ -215,7 +214,7 @@ class PipelineState:
             expression = "SET failures = :failures, retry_at = :retry, first_change_at = :first, last_run = :last"
             values.update({
                 ":failures": _n(failures),
-                ":retry": _n(now + retry_base_s * 2 ** min(failures - 1, 8)),
+                ":retry": _n(now + retry_delay_s(retry_base_s, seen.failures)),
                 ":first": _n(run.first_change_at),  # its changes are unprocessed again, from when they began
             })  # fmt: skip
             if failures >= max_attempts:
@@ -224,16 +223,26 @@ class PipelineState:
             expression += " REMOVE #run"
         if alert:
             expression = expression.replace(" REMOVE", ", alert = :alert REMOVE", 1)
-            values[":alert"] = {"M": {k: _s(str(v)) for k, v in alert.items()}}
+            values[":alert"] = _strings(alert)
         self._update(expression, values, condition="#run.run_id = :id", names={"#run": "run"})
 
     def queue_alert(self, alert: dict) -> None:
-        self._update("SET alert = :alert", {":alert": {"M": {k: _s(str(v)) for k, v in alert.items()}}})
+        self._update("SET alert = :alert", {":alert": _strings(alert)})
 
     def clear_alert(self, alert_id: str) -> None:
         # Conflict: a newer alert replaced it, or another invocation sent and removed it already.
         with contextlib.suppress(Conflict):
             self._update("REMOVE alert", {":id": _s(alert_id)}, condition="alert.id = :id")
+
+
+def retry_delay_s(base_s: int, failures_before: int) -> int:
+    """How long after its failure a run is retried: doubling per consecutive failure, capped at 2^8 x base."""
+    return base_s * 2 ** min(failures_before, 8)
+
+
+def _strings(value: dict) -> dict:
+    """A flat dict as a DynamoDB map of strings (the inverse of _plain)."""
+    return {"M": {k: _s(str(v)) for k, v in value.items()}}
 
 
 def _plain(value: dict) -> dict:
