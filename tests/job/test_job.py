@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -208,8 +209,11 @@ def test_deleting_every_image_empties_features_and_pca(job, tmp_path):
 COMMIT_STEPS = ["start", "featurized", "features", "pca", "failures", "publish", "published"]
 
 
+@pytest.mark.parametrize("where", ["spark", "driver"])
 @pytest.mark.parametrize("step", COMMIT_STEPS)
-def test_a_crash_at_any_commit_step_leaves_one_runs_results_and_the_next_run_completes(job, tmp_path, step):
+def test_a_crash_at_any_commit_step_leaves_one_runs_results_and_the_next_run_completes(job, tmp_path, step, where):
+    if where == "driver":  # the small-work path: no Spark job in any run
+        job = partial(job, driver_max_images=256, driver_max_rows=20000)
     # Given published results, then an image added, one changed and one deleted
     src, out = tmp_path / "in", tmp_path / "out"
     make_tree(str(src), labels=("x", "y"), per_label=3)
