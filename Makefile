@@ -13,15 +13,14 @@ WEIGHTS ?= random
 EVENT ?= events/sqs_batch.json
 BENCH_N ?= 5000
 STACK_ENV ?= default
-ENGINE ?= serverless
-IMAGE_URI ?=
+OVERRIDES ?=
 WEIGHTS_FILE ?= dist/mobilenet_v2.weights.h5
-SAM := $(SAM_VENV)/bin/sam
+SAM ?= $(SAM_VENV)/bin/sam
 
 export SAM_CLI_TELEMETRY := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup sam-setup scan-setup run sample test bench lint invoke demo demo-up package weights image deploy clean
+.PHONY: setup sam-setup scan-setup run sample test bench lint invoke demo demo-up package weights deploy clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt emr_job/requirements.txt lambdas/requirements.txt constraints.txt
@@ -74,20 +73,21 @@ demo: setup
 demo-up: setup
 	$(PY) -m tests.localstack up $(ARGS)
 
+# The job's files and its runtime archive for EMR, as `sam build` makes them for the JobRuntime layer.
 package: setup
-	$(PY) -m emr_job.package build dist
+	$(PY) -m emr_job.package layer dist/job --architecture $(or $(ARCH),ARM64)
 
-# ImageNet weights for the stack, saved once on a machine with internet access (EMR has none).
+# ImageNet weights as a weights file, for --weights PATH locally (the stack fetches its own when it deploys).
 weights: setup
 	$(PY) -m emr_job.package fetch-imagenet $(WEIGHTS_FILE)
 
-# Checks first, so a stack that would fail on its first upload is never rolled out.
-deploy: package sam-setup
-	$(PY) -m emr_job.package check --weights "$(WEIGHTS_FILE)" --engine $(ENGINE) --image "$(IMAGE_URI)"
+# The README's rollout with checks around it: `sam build && sam deploy`. OVERRIDES="Key='a value' ..." are added to
+# the samconfig environment's parameter_overrides (SAM would otherwise replace them), quotes kept for SAM to read.
+deploy: sam-setup
+	$(SAM) validate --lint
 	$(SAM) build
-	eval "$(SAM) deploy --config-env $(STACK_ENV) $(if $(IMAGE_URI),--parameter-overrides \
-	  $$($(PY) -m emr_job.package overrides --config-env $(STACK_ENV) --image '$(IMAGE_URI)'))"
-	$(PY) -m emr_job.package upload --config-env $(STACK_ENV) --weights "$(WEIGHTS_FILE)" dist
+	$(SAM) deploy --config-env $(STACK_ENV) $(if $(strip $(OVERRIDES)),--parameter-overrides \
+	  "$$($(SAM_VENV)/bin/python emr_job/package.py overrides --config-env $(STACK_ENV)) $(OVERRIDES)")
 
 clean:
 	rm -rf out dist .aws-sam .pytest_cache bench-out

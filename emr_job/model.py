@@ -107,9 +107,8 @@ def describe(engine: str) -> str:
     """The engine and its version, for the report."""
     from importlib.metadata import version
 
-    return {"onnx": f"onnxruntime {version('onnxruntime')}", "tensorflow": f"tensorflow {version('tensorflow-cpu')}"}[
-        engine
-    ]
+    package = {"onnx": "onnxruntime", "tensorflow": "tensorflow-cpu"}[engine]  # only the one in use is installed
+    return f"{package.split('-')[0]} {version(package)}"
 
 
 def payload(weights: Weights, engine: str):

@@ -1,23 +1,22 @@
-"""Package and publish what EMR runs.
+"""Package what EMR runs. `sam build` calls `layer` (through emr_job/Makefile) in a copy of this folder, with
+any Python 3.9+ that has pip: it needs neither Docker nor the project's virtual environment.
 
-python -m emr_job.package build [DIST]            emr_job.zip (--py-files), main.py, bootstrap.sh, pins
-python -m emr_job.package fetch-imagenet FILE     ImageNet weights, once, on a machine with internet
-python -m emr_job.package check --weights FILE --engine E --image URI
-                                                  refuse to deploy a stack whose first run would fail
-python -m emr_job.package overrides --config-env ENV [--image URI]
-                                                  samconfig.toml's parameter overrides, plus the image
-python -m emr_job.package upload --config-env ENV --weights FILE [DIST]
-                                                  copy the artifacts to the stack's artifacts/ prefix
-python -m emr_job.package image --config-env ENV --tag TAG [--dry-run]
-                                                  the EMR Serverless job image: ECR repository (made once,
-                                                  EMR Serverless allowed to pull), docker build for the
-                                                  application's architecture, push; prints the image URI
+python -m emr_job.package layer DEST --architecture X86_64|ARM64 [--runtime ARCHIVE]
+                                                  the JobRuntime layer: job/ with emr_job.zip, main.py, the
+                                                  runtime archive and manifest.json (their SHA-256)
+python -m emr_job.package build [DIST]            emr_job.zip (--py-files) and main.py only
+python -m emr_job.package runtime DIST --architecture X86_64|ARM64
+                                                  the runtime archive only
+python -m emr_job.package fetch-imagenet FILE     ImageNet weights saved as a weights file (needs TensorFlow
+                                                  and internet)
+python -m emr_job.package overrides --config-env ENV
+                                                  samconfig.toml's parameter overrides of ENV (make deploy)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -27,41 +26,149 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
 ROOT = PACKAGE.parent
-# dist file -> key under the stack's artifacts/ prefix (lambdas/pipeline/settings.py builds the same URIs).
-ARTIFACTS = {
-    "emr_job.zip": "job/emr_job.zip",
-    "main.py": "job/main.py",
-    "bootstrap.sh": "job/bootstrap.sh",
-    "requirements.txt": "job/requirements.txt",
-    "constraints.txt": "job/constraints.txt",
+# The job's files, as the launchers name them (lambdas/pipeline/launchers.py: --py-files and the entry point).
+JOB_FILES = ("emr_job.zip", "main.py")
+# EMR 7.x images run Amazon Linux 2023, whose system Python is 3.9 at this path (docs/DEPLOY.md, sources).
+EMR_PYTHON = "/usr/bin/python3.9"
+EMR_PYTHON_VERSION = "3.9"
+# Application Architecture -> the manylinux platform tags pip may take wheels for (AL2023 has glibc 2.34).
+WHEEL_PLATFORMS = {
+    arch: [f"manylinux_2_{minor}_{machine}" for minor in (34, 28, 27, 26, 17)] + [f"manylinux2014_{machine}"]
+    for arch, machine in (("X86_64", "x86_64"), ("ARM64", "aarch64"))
 }
-WEIGHTS_KEY = "model/mobilenet_v2.weights.h5"
-REPOSITORY = "image-features"
-PLATFORMS = {"X86_64": "linux/amd64", "ARM64": "linux/arm64"}  # EMR Serverless Architecture -> docker --platform
+# Wheels without a cp39 build for every architecture: their pure-Python files are taken from this platform's wheel
+# and their optional compiled accelerators left out (requirements.txt says why for each).
+PURE_PYTHON_FROM_X86 = ("pyiceberg",)
+# Test suites and headers inside the wheels: never imported by the job, and a large part of the archive.
+PRUNED = ("*/tests", "onnx/backend/test", "pyarrow/include", "pyarrow/src", "*/__pycache__")
 
 
 class DeployError(RuntimeError):
-    """A piece the stack needs is missing; said before anything is deployed."""
+    """A piece the stack needs cannot be built; said before anything is deployed."""
 
 
 def build(dest: str = "dist") -> list:
+    """emr_job.zip (the package, for --py-files) and main.py (the entry point), byte for byte reproducible."""
     os.makedirs(dest, exist_ok=True)
     archive = os.path.join(dest, "emr_job.zip")
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(PACKAGE.rglob("*.py")):
             if "__pycache__" not in path.parts:
-                # Fixed timestamps: the same sources give the same archive (and the same S3 ETag).
-                info = zipfile.ZipInfo(str(path.relative_to(ROOT)), date_time=(2020, 1, 1, 0, 0, 0))
+                # Fixed timestamps: the same sources give the same archive (and the same content key).
+                name = "emr_job/" + path.relative_to(PACKAGE).as_posix()
+                info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
                 info.compress_type = zipfile.ZIP_DEFLATED
                 zf.writestr(info, path.read_bytes())
-    for name, source in [
-        ("main.py", PACKAGE / "main.py"),
-        ("bootstrap.sh", PACKAGE / "bootstrap.sh"),
-        ("requirements.txt", PACKAGE / "requirements.txt"),
-        ("constraints.txt", ROOT / "constraints.txt"),
-    ]:
-        shutil.copyfile(source, os.path.join(dest, name))
-    return [os.path.join(dest, name) for name in ARTIFACTS]
+    shutil.copyfile(PACKAGE / "main.py", os.path.join(dest, "main.py"))
+    return [os.path.join(dest, name) for name in JOB_FILES]
+
+
+def layer(dest: str, architecture: str, pip: list | None = None, runtime: str | None = None) -> dict:
+    """What the JobArtifacts custom resource copies to S3: the job, the runtime, and a manifest of their SHA-256.
+    `runtime`: an archive built before for the same requirements.txt, reused instead of built again."""
+    if runtime:
+        os.makedirs(dest, exist_ok=True)
+        target = os.path.join(dest, f"runtime-{architecture.lower()}.tar.gz")
+        if os.path.abspath(runtime) != os.path.abspath(target):
+            shutil.copyfile(runtime, target)
+    else:
+        target = build_runtime(dest, architecture, pip)
+    files = [*build(dest), target]
+    manifest = {"files": {os.path.basename(f): sha256_file(f) for f in files}, "architecture": architecture}
+    with open(os.path.join(dest, "manifest.json"), "w") as fh:
+        json.dump(manifest, fh, indent=2, sort_keys=True)
+    return manifest
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_runtime(dest: str, architecture: str, pip: list | None = None) -> str:
+    """The job's Python runtime for EMR, built without Docker: requirements.txt's wheels for cp39 on the
+    architecture, laid out as a virtual environment whose interpreter is the EMR image's own Python. Spark
+    unpacks it as ./environment (spark.archives=...#environment). Returns the archive's path."""
+    import subprocess
+    import tempfile
+
+    if architecture not in WHEEL_PLATFORMS:
+        raise DeployError(f"Architecture must be one of {sorted(WHEEL_PLATFORMS)}, got {architecture!r}")
+    pip = pip or [sys.executable, "-m", "pip"]
+    os.makedirs(dest, exist_ok=True)
+    target = os.path.join(dest, f"runtime-{architecture.lower()}.tar.gz")
+    with tempfile.TemporaryDirectory(prefix="emr-runtime-") as work:
+        venv = Path(work) / "environment"
+        site = venv / "lib" / f"python{EMR_PYTHON_VERSION}" / "site-packages"
+        lines = [ln.split("#")[0].strip() for ln in (PACKAGE / "requirements.txt").read_text().splitlines()]
+        pins = [ln for ln in lines if ln]
+        pure = [p for p in pins if p.split("==")[0] in PURE_PYTHON_FROM_X86]
+        common = [
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--no-compile",
+            "--target",
+            str(site),
+            "--python-version",
+            EMR_PYTHON_VERSION,
+            "--implementation",
+            "cp",
+            "--disable-pip-version-check",
+        ]
+        for platforms, requirements in ((WHEEL_PLATFORMS[architecture], [p for p in pins if p not in pure]),
+                                        (WHEEL_PLATFORMS["X86_64"], pure)):  # fmt: skip
+            if requirements:
+                tags = [arg for tag in platforms for arg in ("--platform", tag)]
+                subprocess.run([*pip, *common, *tags, *requirements], check=True)
+        for name in PURE_PYTHON_FROM_X86:
+            for compiled in (site / name).rglob("*.so"):
+                compiled.unlink()
+        for pattern in PRUNED:
+            for folder in list(site.glob(pattern)):
+                shutil.rmtree(folder, ignore_errors=True)
+        # Console scripts and headers land outside the packages, shaped by the builder's Python: left out, and
+        # their lines dropped from RECORD, so any machine builds the same bytes (the same content key).
+        for outside in ("bin", "include"):
+            shutil.rmtree(site / outside, ignore_errors=True)
+        for record in site.glob("*.dist-info/RECORD"):
+            lines = record.read_text().splitlines(keepends=True)
+            record.write_text("".join(line for line in lines if not line.startswith("../")))
+        (venv / "bin").mkdir()
+        for name in ("python", "python3", f"python{EMR_PYTHON_VERSION}"):
+            os.symlink(EMR_PYTHON, venv / "bin" / name)
+        (venv / "pyvenv.cfg").write_text(
+            f"home = {os.path.dirname(EMR_PYTHON)}\ninclude-system-site-packages = false\n"
+            f"version = {EMR_PYTHON_VERSION}\n"
+        )
+        _reproducible_tar(venv, target)
+    return target
+
+
+def _reproducible_tar(folder: Path, target: str) -> None:
+    """Same files, same bytes: sorted entries, fixed owners and times, no gzip timestamp."""
+    import gzip
+
+    def clean(info):
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mtime = 946684800  # 2000-01-01
+        return info
+
+    with open(target, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz:
+        _tar_into(gz, folder, clean)
+
+
+def _tar_into(stream, folder: Path, clean) -> None:
+    import tarfile
+
+    with tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(folder.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(folder)), recursive=False, filter=clean)
 
 
 def fetch_imagenet(path: str) -> str:
@@ -74,159 +181,41 @@ def fetch_imagenet(path: str) -> str:
     return path
 
 
-def check(weights: str, engine: str, image: str) -> None:
-    """Everything a first run needs, verified before the stack changes."""
-    from emr_job.model import WeightsError, load_arrays, resolve_weights
-
-    if not weights or not os.path.isfile(weights):
-        raise DeployError(
-            f"no model weights file at {weights!r}: run `make weights` once on a machine with internet "
-            "(it saves the ImageNet weights), or pass WEIGHTS_FILE=path/to/mobilenet_v2.weights.h5"
-        )
+def overrides(config_env: str) -> str:
+    """parameter_overrides of one samconfig.toml environment, as written there (quotes kept)."""
     try:
-        load_arrays(resolve_weights(weights, os.path.dirname(os.path.abspath(weights))))
-    except WeightsError as exc:
-        raise DeployError(str(exc)) from None
-    if engine == "serverless" and not image:
-        raise DeployError(
-            "Engine=serverless needs the job image: build and push emr_job/Dockerfile, then pass "
-            "IMAGE_URI=<account>.dkr.ecr.<region>.amazonaws.com/image-features:<tag> (README, Deploy)"
-        )
-
-
-def samconfig(config_env: str) -> dict:
-    """stack_name, region and parameter_overrides of one samconfig.toml environment."""
-    import tomllib  # Python 3.11+: this runs on the deploying machine, never on EMR
+        import tomllib  # Python 3.11+
+    except ImportError:  # the SAM CLI's own virtual environment has tomlkit
+        import tomlkit as tomllib
 
     with open(ROOT / "samconfig.toml", "rb") as fh:
-        env = tomllib.load(fh)[config_env]
-    deploy = env["deploy"]["parameters"]
-    return {
-        "stack_name": deploy["stack_name"],
-        "region": env.get("global", {}).get("parameters", {}).get("region", "eu-west-3"),
-        "parameter_overrides": deploy.get("parameter_overrides", ""),
-    }
-
-
-def overrides(config_env: str, image: str) -> str:
-    merged = samconfig(config_env)["parameter_overrides"]
-    return f"{merged} CustomImageUri={image}".strip() if image else merged
-
-
-def upload(config_env: str, weights: str, dist: str = "dist") -> list:
-    import boto3
-
-    conf = samconfig(config_env)
-    stack, region = conf["stack_name"], conf["region"]
-    outputs = boto3.client("cloudformation", region_name=region).describe_stacks(StackName=stack)["Stacks"][0]
-    artifacts = {o["OutputKey"]: o["OutputValue"] for o in outputs.get("Outputs", [])}["ArtifactsUri"]
-    bucket, prefix = artifacts[len("s3://") :].split("/", 1)
-    s3 = boto3.client("s3", region_name=region)
-    done = []
-    for name, key in [*ARTIFACTS.items(), (weights, WEIGHTS_KEY)]:
-        source = name if name == weights else os.path.join(dist, name)
-        s3.upload_file(source, bucket, prefix + key)
-        done.append(f"s3://{bucket}/{prefix}{key}")
-    return done
-
-
-def application_architecture() -> str:
-    """The EmrApplication's Architecture in template.yaml: the image must be built for it."""
-    from cfnlint.decode import decode
-
-    template, _ = decode(str(ROOT / "template.yaml"))
-    return template["Resources"]["EmrApplication"]["Properties"]["Architecture"]
-
-
-def pull_policy(region: str, account: str) -> dict:
-    """EMR Serverless applications of this account may pull (EMR Serverless user guide, application-custom-image)."""
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "EmrServerlessCustomImageSupport",
-                "Effect": "Allow",
-                "Principal": {"Service": "emr-serverless.amazonaws.com"},
-                "Action": ["ecr:BatchGetImage", "ecr:DescribeImages", "ecr:GetDownloadUrlForLayer"],
-                "Condition": {
-                    "StringEquals": {"aws:SourceAccount": account},
-                    "ArnLike": {"aws:SourceArn": f"arn:aws:emr-serverless:{region}:{account}:/applications/*"},
-                },
-            }
-        ],
-    }
-
-
-def image(config_env: str, tag: str, dry_run: bool = False, run=None) -> str:
-    """Make (once) the ECR repository, build the job image for the application's architecture, push it."""
-    import base64
-    import subprocess
-
-    import boto3
-
-    region = samconfig(config_env)["region"]
-    account = boto3.client("sts", region_name=region).get_caller_identity()["Account"]
-    ecr = boto3.client("ecr", region_name=region)
-    with contextlib.suppress(ecr.exceptions.RepositoryAlreadyExistsException):  # made by an earlier call
-        ecr.create_repository(
-            repositoryName=REPOSITORY,
-            imageTagMutability="IMMUTABLE",  # an image a stack runs can never change under it
-            imageScanningConfiguration={"scanOnPush": True},
-        )
-    ecr.set_repository_policy(repositoryName=REPOSITORY, policyText=json.dumps(pull_policy(region, account)))
-    registry = f"{account}.dkr.ecr.{region}.amazonaws.com"
-    uri = f"{registry}/{REPOSITORY}:{tag}"
-    platform = PLATFORMS[application_architecture()]
-    commands = [
-        ["docker", "build", "--platform", platform, "-f", "emr_job/Dockerfile", "-t", uri, "."],
-        ["docker", "push", uri],
-    ]
-    run = run or (lambda cmd, **kw: subprocess.run(cmd, check=True, cwd=ROOT, **kw))
-    if dry_run:
-        run = lambda cmd, **kw: print("$", " ".join(cmd))  # noqa: E731
-    token = ecr.get_authorization_token()["authorizationData"][0]["authorizationToken"]
-    password = base64.b64decode(token).decode().split(":", 1)[1]
-    run(["docker", "login", "--username", "AWS", "--password-stdin", registry], input=password.encode())
-    for command in commands:
-        run(command)
-    return uri
+        config = tomllib.loads(fh.read().decode())
+    return str(config[config_env]["deploy"]["parameters"].get("parameter_overrides", ""))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("layer", "runtime"):
+        cmd = sub.add_parser(name)
+        cmd.add_argument("dest")
+        cmd.add_argument("--architecture", required=True, choices=sorted(WHEEL_PLATFORMS))
+    sub.choices["layer"].add_argument("--runtime", help="reuse this runtime archive (same requirements.txt)")
     sub.add_parser("build").add_argument("dist", nargs="?", default="dist")
     sub.add_parser("fetch-imagenet").add_argument("path")
-    chk = sub.add_parser("check")
-    chk.add_argument("--weights", required=True)
-    chk.add_argument("--engine", default="serverless", choices=["serverless", "ec2"])
-    chk.add_argument("--image", default="")
-    ov = sub.add_parser("overrides")
-    ov.add_argument("--config-env", default="default")
-    ov.add_argument("--image", default="")
-    up = sub.add_parser("upload")
-    up.add_argument("--config-env", default="default")
-    up.add_argument("--weights", required=True)
-    up.add_argument("dist", nargs="?", default="dist")
-    img = sub.add_parser("image")
-    img.add_argument("--config-env", default="default")
-    img.add_argument("--tag", required=True)
-    img.add_argument("--dry-run", action="store_true", help="print the docker commands instead of running them")
+    sub.add_parser("overrides").add_argument("--config-env", default="default")
     args = parser.parse_args(argv)
     try:
-        if args.command == "build":
+        if args.command == "layer":
+            print(json.dumps(layer(args.dest, args.architecture, runtime=args.runtime), indent=2, sort_keys=True))
+        elif args.command == "runtime":
+            print(build_runtime(args.dest, args.architecture))
+        elif args.command == "build":
             print("\n".join(build(args.dist)))
         elif args.command == "fetch-imagenet":
             print(f"saved ImageNet weights to {fetch_imagenet(args.path)}")
-        elif args.command == "check":
-            check(args.weights, args.engine, args.image)
-            print("deploy check passed: weights load into MobileNetV2; engine has what it needs")
-        elif args.command == "overrides":
-            print(overrides(args.config_env, args.image))
-        elif args.command == "image":
-            print(f"IMAGE_URI={image(args.config_env, args.tag, args.dry_run)}")
         else:
-            print("\n".join(upload(args.config_env, args.weights, args.dist)))
+            print(overrides(args.config_env))
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

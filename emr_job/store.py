@@ -249,10 +249,8 @@ class RunCommit:
 
     def apply(self, name: str, change: TableChange, summary: Optional[dict] = None) -> None:
         """Stage one snapshot of a table (new metadata file, not yet published)."""
-        from pyiceberg.io.pyarrow import parquet_files_to_data_files
-
         table = self.table(name)
-        data_files = list(parquet_files_to_data_files(table.io, table.metadata, iter(change.added)))
+        data_files = [data_file(table.io, table.metadata, path) for path in change.added]
         delete_files = [self._write_deletes(name, change.deletes)] if change.deletes else []
         with table.transaction() as tx:
             producer = _ReplaceFiles(
@@ -269,7 +267,9 @@ class RunCommit:
         from pyiceberg.table.update.snapshot import ExpireSnapshots
 
         cutoff = datetime.fromtimestamp(time.time() - self.keep_snapshots_s, tz=timezone.utc)
-        expire = ExpireSnapshots(tx).older_than(cutoff)
+        expire = ExpireSnapshots(tx)
+        expire._snapshot_ids_to_expire = set()  # pyiceberg 0.10 shares one set between instances (class attribute)
+        expire.older_than(cutoff)
         if expire._snapshot_ids_to_expire:
             expire.commit()
 
@@ -349,6 +349,36 @@ def _is_data(data_file) -> bool:
     return data_file.content == DataFileContent.DATA
 
 
+def data_file(io, metadata, path: str):
+    """A Parquet file this run wrote with the table's schema (field ids included) -> its Iceberg DataFile.
+    pyiceberg's parquet_file_to_data_file, less its refusal of files that carry field ids (before 0.11 it only
+    took foreign files for add_files); the EMR runtime's Python 3.9 has pyiceberg 0.10."""
+    import pyarrow.parquet as pq
+    from pyiceberg.io.pyarrow import (
+        _check_pyarrow_schema_compatible,
+        compute_statistics_plan,
+        data_file_statistics_from_parquet_metadata,
+        parquet_path_to_id_mapping,
+    )
+    from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
+
+    source = io.new_input(path)
+    with source.open() as stream:
+        parquet = pq.read_metadata(stream)
+    schema = metadata.schema()
+    _check_pyarrow_schema_compatible(schema, parquet.schema.to_arrow_schema(), format_version=metadata.format_version)
+    statistics = data_file_statistics_from_parquet_metadata(
+        parquet_metadata=parquet,
+        stats_columns=compute_statistics_plan(schema, metadata.properties),
+        parquet_column_mapping=parquet_path_to_id_mapping(schema),
+    )
+    return DataFile.from_args(
+        content=DataFileContent.DATA, file_path=path, file_format=FileFormat.PARQUET,
+        partition=statistics.partition(metadata.spec(), schema), file_size_in_bytes=len(source), sort_order_id=None,
+        spec_id=metadata.default_spec_id, equality_ids=None, key_metadata=None, **statistics.to_serialized_dict(),
+    )  # fmt: skip
+
+
 class _ReplaceFiles(_SnapshotProducer):
     """A snapshot written as complete manifests: kept files as EXISTING entries, new ones as ADDED.
 
@@ -392,7 +422,7 @@ class _ReplaceFiles(_SnapshotProducer):
                 continue
             writer_class = ManifestWriterV2 if data else _DeleteManifestWriter
             spec = self._transaction.table_metadata.spec()
-            writer = writer_class(spec, self.schema(), self.new_manifest_output(), self._snapshot_id, self._compression)
+            writer = writer_class(spec, self._transaction.table_metadata.schema(), self.new_manifest_output(), self._snapshot_id, self._compression)
             with writer:
                 for entry in old:
                     writer.existing(entry)

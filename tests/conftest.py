@@ -74,3 +74,27 @@ def weights_file(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("weights") / "mobilenet_v2_test.weights.h5")
     net.save_weights(path)
     return path
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAM = os.path.join(ROOT, ".venv-sam", "bin", "sam")
+
+
+@pytest.fixture(scope="session")
+def sam_build(tmp_path_factory):
+    """`sam build` of template.yaml, as a deployer runs it (no Docker): the functions, both runtime layers and
+    the template they leave. Built once per session; the template tests and the rollout rehearsal share it."""
+    import subprocess
+    from pathlib import Path
+
+    if not os.path.exists(SAM):
+        pytest.fail("SAM CLI missing: `make test` installs it into .venv-sam (make sam-setup)")
+    work = tmp_path_factory.mktemp("sam")
+    build = work / "build"
+    env = {**os.environ, "SAM_CLI_TELEMETRY": "0", "AWS_DEFAULT_REGION": "eu-west-3"}
+    # SAM's cache (keyed by the sources' hash) outlives the session: an unchanged layer is not built again
+    cache = os.path.join(ROOT, ".aws-sam", "test-cache")
+    cmd = [SAM, "build", "--build-dir", str(build), "--cached", "--cache-dir", cache]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return Path(build)

@@ -35,7 +35,7 @@ def test_an_erased_image_leaves_no_trace_outside_expiring_old_versions(moto_serv
     stack.s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
     for name, value in stack.env.items():
         monkeypatch.setenv(name, value)
-    stack.s3.upload_file(weights_file, BUCKET, "artifacts/model/mobilenet_v2.weights.h5")
+    stack.s3.upload_file(weights_file, BUCKET, stack.env["WEIGHTS_URI"].split("/", 3)[3])  # as JobArtifacts does
     for path in make_tree(str(tmp_path / "src"), labels=("Kiwi", "Apple"), per_label=3):
         stack.s3.upload_file(path, BUCKET, "images/" + os.path.relpath(path, tmp_path / "src"))
     stack.s3.put_object(Bucket=BUCKET, Key=VICTIM, Body=encoded(rgb(9), "JPEG"))

@@ -73,7 +73,7 @@ def test_the_serverless_flow_needs_nothing_the_template_does_not_grant(recorder,
     stack.s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
     for name, value in {**stack.env, "QUIET_SECONDS": "60"}.items():
         monkeypatch.setenv(name, value)
-    stack.s3.upload_file(weights_file, BUCKET, "artifacts/model/mobilenet_v2.weights.h5")
+    stack.s3.upload_file(weights_file, BUCKET, stack.env["WEIGHTS_URI"].split("/", 3)[3])  # as JobArtifacts does
     for path in make_tree(str(tmp_path / "src"), labels=("Kiwi", "Apple"), per_label=2):
         stack.s3.upload_file(path, BUCKET, "images/" + os.path.relpath(path, tmp_path / "src"))
     as_principal(monkeypatch, "trigger")

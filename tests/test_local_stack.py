@@ -12,17 +12,17 @@ from tests.job.images import encoded, make_tree, rgb
 
 @pytest.fixture
 def stack(tmp_path, weights_file, monkeypatch):
-    from tests.localstack.__main__ import Watcher, prepare
+    from tests.localstack.__main__ import Watcher
     from tests.localstack.stack import LocalStack
 
     for name in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID"):
         monkeypatch.setenv(name, os.environ.get(name, ""))  # restored afterwards; the stack sets them
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     lines = []
-    local = LocalStack("local", log=lines.append, workdir=str(tmp_path / "stack"), overrides={"RetryBaseSeconds": "1"})
+    local = LocalStack("local", log=lines.append, workdir=str(tmp_path / "stack"), overrides={"RetryBaseSeconds": "1"},
+                       weights=weights_file)  # fmt: skip
     local.start()
     local.lines = lines
-    prepare(local, weights_file)
     local.serve(timers=False)  # the test fires the schedules itself, at the moments it checks
     local.watcher = Watcher(local)
     yield local
@@ -72,11 +72,12 @@ def test_uploads_become_results_erasures_take_effect_failures_retry_and_lost_eve
     assert report(stack)["images_removed"] == 2
 
     # A run that fails (unusable weights) -> FAILED event -> alert, its driver log kept -> retried after the backoff
-    good = s3.get_object(Bucket=bucket, Key="artifacts/model/mobilenet_v2.weights.h5")["Body"].read()
-    s3.put_object(Bucket=bucket, Key="artifacts/model/mobilenet_v2.weights.h5", Body=b"not weights")
+    weights_key = stack.outputs["WeightsUri"].split("/", 3)[3]
+    good = s3.get_object(Bucket=bucket, Key=weights_key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=weights_key, Body=b"not weights")
     s3.put_object(Bucket=bucket, Key="images/Apple/late.jpg", Body=encoded(rgb(50), "JPEG"))
     failed = stack.watcher.wait_for_settled(second["run_id"])
-    s3.put_object(Bucket=bucket, Key="artifacts/model/mobilenet_v2.weights.h5", Body=good)  # fixed before the retry
+    s3.put_object(Bucket=bucket, Key=weights_key, Body=good)  # fixed before the retry
     assert failed["state"] == "FAILED" and "ExitCode: 1" in failed["detail"]
     from tests.localstack.__main__ import alerts
 

@@ -18,6 +18,38 @@ ACTIVE_CLUSTER_STATES = ["STARTING", "BOOTSTRAPPING", "RUNNING", "WAITING"]
 REFUSED = {"ValidationException", "AccessDeniedException", "ResourceNotFoundException", "ConflictException"}
 
 
+# The job's runtime: the stack's archive of wheels, unpacked by Spark beside each driver and executor as
+# ./environment, a virtual environment over the EMR image's own Python 3.9 (emr_job/package.py build_runtime).
+# Nothing is installed from an index at run time, so private subnets without internet work.
+RUNTIME_ALIAS = "environment"
+RUNTIME_PYTHON = f"./{RUNTIME_ALIAS}/bin/python"
+# EMR Serverless: the driver's environment goes through spark.emr-serverless.driverEnv (EMR Serverless user guide,
+# using-python-libraries); executors take spark.executorEnv.
+SERVERLESS_PYTHON = (
+    f"spark.emr-serverless.driverEnv.PYSPARK_DRIVER_PYTHON={RUNTIME_PYTHON}",
+    f"spark.emr-serverless.driverEnv.PYSPARK_PYTHON={RUNTIME_PYTHON}",
+    f"spark.executorEnv.PYSPARK_PYTHON={RUNTIME_PYTHON}",
+)
+# YARN cluster mode (EMR on EC2): the driver runs in the application master's container (Spark's Python package
+# management guide).
+YARN_PYTHON = (
+    f"spark.yarn.appMasterEnv.PYSPARK_PYTHON={RUNTIME_PYTHON}",
+    f"spark.executorEnv.PYSPARK_PYTHON={RUNTIME_PYTHON}",
+)
+
+
+def runtime_options(s: Settings, yarn: bool) -> list:
+    """spark-submit options that bring the job, its runtime archive and its interpreter. On YARN, --archives
+    becomes spark.yarn.dist.archives, which also reaches the application master (the driver in cluster mode)."""
+    archive = f"{s.runtime_archive_uri}#{RUNTIME_ALIAS}"
+    confs = YARN_PYTHON if yarn else (f"spark.archives={archive}", *SERVERLESS_PYTHON)
+    return (
+        (["--archives", archive] if yarn else [])
+        + ["--py-files", s.job_archive_uri]
+        + [word for conf in confs for word in ("--conf", conf)]
+    )
+
+
 class StartRefused(RuntimeError):
     """The engine refused to start the run (bad configuration or permissions): no job exists."""
 
@@ -78,7 +110,7 @@ class ServerlessLauncher:
         found = self.find(run_id)  # the client token deduplicates too; this does not rely on it alone
         if found:
             return found
-        params = f"--py-files {s.job_archive_uri} {s.spark_submit_parameters}".strip()
+        params = " ".join([*runtime_options(s, yarn=False), s.spark_submit_parameters]).strip()
         response = _start(
             self.client.start_job_run,
             applicationId=s.emr_application_id,
@@ -151,7 +183,7 @@ class Ec2Launcher:
             instances["Ec2SubnetId"] = s.ec2_subnet_id
         # `timeout` enforces JOB_TIMEOUT_MINUTES on the step: EMR steps have no timeout of their own.
         submit = ["timeout", f"{s.job_timeout_minutes}m", "spark-submit", "--deploy-mode", "cluster",
-                  "--py-files", s.job_archive_uri]  # fmt: skip
+                  *runtime_options(s, yarn=True)]  # fmt: skip
         submit += shlex.split(s.spark_submit_parameters) + [s.job_entry_uri, *s.job_arguments()]
         response = _start(
             self.client.run_job_flow,
@@ -165,19 +197,6 @@ class Ec2Launcher:
                     "Name": name,
                     "ActionOnFailure": "TERMINATE_CLUSTER",
                     "HadoopJarStep": {"Jar": "command-runner.jar", "Args": submit},
-                }
-            ],
-            BootstrapActions=[
-                {
-                    "Name": "job-dependencies",
-                    "ScriptBootstrapAction": {"Path": s.bootstrap_uri, "Args": s.bootstrap_args},
-                }
-            ],
-            Configurations=[
-                {
-                    "Classification": "spark-defaults",
-                    # The bootstrap script installs the pinned stack into this interpreter; pyspark stays EMR's.
-                    "Properties": {"spark.pyspark.python": "/opt/image-features/venv/bin/python"},
                 }
             ],
             AutoTerminationPolicy={"IdleTimeout": 3600},  # safety net should the step never be scheduled

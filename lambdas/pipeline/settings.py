@@ -16,7 +16,6 @@ ENV_VARS: dict = {
     "ENGINE": "serverless",
     "IMAGES_PREFIX": "images/",
     "RESULTS_PREFIX": "results/",
-    "ARTIFACTS_PREFIX": "artifacts/",
     "LOGS_PREFIX": "logs/",
     "QUEUE_URL": "",
     "QUIET_SECONDS": "60",
@@ -39,6 +38,13 @@ ENV_VARS: dict = {
     "EMR_INSTANCE_PROFILE": "",
     "RUN_NAME_PREFIX": "image-features",
     "GLUE_DATABASE": "",
+    # What a run executes, put in place by the stack's JobArtifacts custom resource under content-keyed folders, so
+    # a run keeps the version it started with (lambdas/artifacts/, emr_job/package.py).
+    "ARTIFACTS_VERSION": None,
+    "JOB_ENTRY_URI": None,
+    "JOB_ARCHIVE_URI": None,
+    "RUNTIME_ARCHIVE_URI": None,
+    "WEIGHTS_URI": None,
 }
 # Read by Powertools itself; declared in template.yaml Globals too.
 POWERTOOLS_ENV_VARS = ("POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE", "POWERTOOLS_LOG_LEVEL")
@@ -55,7 +61,6 @@ class Settings:
     engine: str
     images_prefix: str
     results_prefix: str
-    artifacts_prefix: str
     logs_prefix: str
     queue_url: str
     quiet_seconds: int
@@ -78,28 +83,11 @@ class Settings:
     emr_instance_profile: str
     run_name_prefix: str
     glue_database: str
-
-    # Derived locations: one prefix setting each; the layout below artifacts/ is emr_job/package.py's ARTIFACTS.
-    @property
-    def job_entry_uri(self) -> str:
-        return f"s3://{self.bucket}/{self.artifacts_prefix}job/main.py"
-
-    @property
-    def job_archive_uri(self) -> str:
-        return f"s3://{self.bucket}/{self.artifacts_prefix}job/emr_job.zip"
-
-    @property
-    def bootstrap_uri(self) -> str:
-        return f"s3://{self.bucket}/{self.artifacts_prefix}job/bootstrap.sh"
-
-    @property
-    def bootstrap_args(self) -> list:
-        job = f"s3://{self.bucket}/{self.artifacts_prefix}job/"
-        return [job + "requirements.txt", job + "constraints.txt"]
-
-    @property
-    def weights_uri(self) -> str:
-        return f"s3://{self.bucket}/{self.artifacts_prefix}model/mobilenet_v2.weights.h5"
+    artifacts_version: str
+    job_entry_uri: str
+    job_archive_uri: str
+    runtime_archive_uri: str
+    weights_uri: str
 
     def job_arguments(self) -> list:
         """The whole job: it lists images/ and diffs it with results/ itself; no list of keys is passed."""
@@ -115,6 +103,12 @@ def _prefix(name: str, value: str) -> str:
     if not value or value.startswith("/"):
         raise SettingsError(f"{name} must be a key prefix like 'images/', got {value!r}")
     return value if value.endswith("/") else value + "/"
+
+
+def _s3_uri(name: str, value: str) -> str:
+    if not value.startswith("s3://") or "/" not in value[len("s3://") :]:
+        raise SettingsError(f"{name} must be an s3://bucket/key URI, got {value!r}")
+    return value
 
 
 def _int(name: str, value: str, low: int) -> int:
@@ -157,7 +151,6 @@ def load(environ: Mapping[str, str] = os.environ) -> Settings:
         engine=engine,
         images_prefix=_prefix("IMAGES_PREFIX", raw["IMAGES_PREFIX"]),
         results_prefix=_prefix("RESULTS_PREFIX", raw["RESULTS_PREFIX"]),
-        artifacts_prefix=_prefix("ARTIFACTS_PREFIX", raw["ARTIFACTS_PREFIX"]),
         logs_prefix=_prefix("LOGS_PREFIX", raw["LOGS_PREFIX"]),
         queue_url=raw["QUEUE_URL"],
         quiet_seconds=quiet,
@@ -180,4 +173,9 @@ def load(environ: Mapping[str, str] = os.environ) -> Settings:
         emr_instance_profile=raw["EMR_INSTANCE_PROFILE"],
         run_name_prefix=raw["RUN_NAME_PREFIX"],
         glue_database=raw["GLUE_DATABASE"],
+        artifacts_version=raw["ARTIFACTS_VERSION"],
+        job_entry_uri=_s3_uri("JOB_ENTRY_URI", raw["JOB_ENTRY_URI"]),
+        job_archive_uri=_s3_uri("JOB_ARCHIVE_URI", raw["JOB_ARCHIVE_URI"]),
+        runtime_archive_uri=_s3_uri("RUNTIME_ARCHIVE_URI", raw["RUNTIME_ARCHIVE_URI"]),
+        weights_uri=_s3_uri("WEIGHTS_URI", raw["WEIGHTS_URI"]),
     )

@@ -46,6 +46,12 @@ def create_stack() -> SimpleNamespace:
         "RETRY_BASE_SECONDS": "300",
         "MAX_WAIT_SECONDS": "900",
         "GLUE_DATABASE": "image_features_dev",
+        # As the JobArtifacts custom resource returns them: one content-keyed folder per deployed version.
+        "ARTIFACTS_VERSION": "0123456789abcdef",
+        "JOB_ENTRY_URI": f"s3://{BUCKET}/artifacts/job/0123456789abcdef/main.py",
+        "JOB_ARCHIVE_URI": f"s3://{BUCKET}/artifacts/job/0123456789abcdef/emr_job.zip",
+        "RUNTIME_ARCHIVE_URI": f"s3://{BUCKET}/artifacts/job/0123456789abcdef/runtime-arm64.tar.gz",
+        "WEIGHTS_URI": f"s3://{BUCKET}/artifacts/model/fedcba9876543210/mobilenet_v2.weights.h5",
         "POWERTOOLS_SERVICE_NAME": "image-features",
         "POWERTOOLS_METRICS_NAMESPACE": "ImageFeatures",
         "POWERTOOLS_TRACE_DISABLED": "true",

@@ -39,10 +39,18 @@ def test_a_batch_of_uploads_starts_one_run_of_the_whole_job(aws, trigger, clock,
     args = driver["entryPointArguments"]
     assert args[args.index("--input") + 1] == f"s3://{BUCKET}/images/"
     assert args[args.index("--output") + 1] == f"s3://{BUCKET}/results/"
-    assert args[args.index("--weights") + 1] == f"s3://{BUCKET}/artifacts/model/mobilenet_v2.weights.h5"
     assert "--manifest" not in args and not any("images/Apple" in a for a in args)
-    assert driver["entryPoint"] == f"s3://{BUCKET}/artifacts/job/main.py"
-    assert f"--py-files s3://{BUCKET}/artifacts/job/emr_job.zip" in driver["sparkSubmitParameters"]
+    # ... with the job, its runtime and the weights of the deployed version (JobArtifacts' content-keyed folders)
+    env = aws.env
+    assert args[args.index("--weights") + 1] == env["WEIGHTS_URI"]
+    assert driver["entryPoint"] == env["JOB_ENTRY_URI"]
+    params = driver["sparkSubmitParameters"]
+    assert f"--py-files {env['JOB_ARCHIVE_URI']}" in params
+    assert f"--conf spark.archives={env['RUNTIME_ARCHIVE_URI']}#environment" in params
+    driver_env = "spark.emr-serverless.driverEnv."
+    executor_env = "spark.executorEnv."
+    for conf in (driver_env + "PYSPARK_DRIVER_PYTHON", driver_env + "PYSPARK_PYTHON", executor_env + "PYSPARK_PYTHON"):
+        assert f"--conf {conf}=./environment/bin/python" in params
     assert state_item(aws)["run"]["M"]["job_id"]["S"] == job["id"]
 
 

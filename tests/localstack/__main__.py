@@ -75,18 +75,14 @@ def alerts(stack) -> list:
     return [json.loads(m["Body"]) for m in got.get("Messages", [])]
 
 
-def prepare(stack, weights: str | None) -> None:
-    """What `make deploy` uploads, by the code it uses (emr_job.package), weights included."""
-    from emr_job import package
-
-    dist = str(stack.workdir / "dist")
-    package.build(dist)
-    if not weights:
-        weights = str(stack.workdir / "mobilenet_v2.weights.h5")
-        say("weights: a seeded random MobileNetV2 (ImageNet's need internet; WEIGHTS_FILE=... to use a real file)")
-        seeded_weights(weights)
-    for uri in package.upload("local", weights, dist):
-        say(f"uploaded {uri}")
+def weights_or_seeded(weights: str | None) -> str:
+    """The weights file the deployer gives the stack (ModelWeights=s3://...): WEIGHTS_FILE, or a seeded one."""
+    if weights:
+        return weights
+    path = os.path.join(tempfile.mkdtemp(prefix="weights-"), "mobilenet_v2.weights.h5")
+    say("weights: a seeded random MobileNetV2 (ImageNet's need internet; WEIGHTS_FILE=... to use a real file)")
+    seeded_weights(path)
+    return path
 
 
 def seeded_weights(path: str) -> None:
@@ -116,21 +112,23 @@ def show_results(stack) -> dict:
     return report
 
 
-def start(config_env: str):
+def start(config_env: str, weights: str | None):
     from tests.localstack.stack import LocalStack
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    stack = LocalStack(config_env, log=say).start()
+    weights = weights_or_seeded(weights)
+    say("building the job's runtime layer (emr_job/Makefile, as sam build does; reused while unchanged)")
+    stack = LocalStack(config_env, log=say, weights=weights).start()
     say(f"local stack up: moto server {stack.endpoint}, bucket {stack.bucket}, template.yaml resources created")
+    say(f"JobArtifacts put the job in place: version {stack.outputs['ArtifactsVersion']}")
     return stack
 
 
 def demo(args) -> int:
     from emr_job.sample import make_tree
 
-    stack = start(args.config_env)
+    stack = start(args.config_env, args.weights)
     try:
-        prepare(stack, args.weights)
         stack.serve()
         watcher = Watcher(stack)
         tree = Path(tempfile.mkdtemp(prefix="demo-images-"))
@@ -162,9 +160,8 @@ def demo(args) -> int:
 
 
 def up(args) -> int:
-    stack = start(args.config_env)
+    stack = start(args.config_env, args.weights)
     try:
-        prepare(stack, args.weights)
         stack.serve()
         say("ready. In another shell:")
         print(file=sys.__stdout__)

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 from tests.localstack.template import ACCOUNT, REGION, ROOT, Template
 
 PY = sys.executable
+FUNCTION_PACKAGES = ("trigger", "job_state", "artifacts", "pipeline", "crhelper")  # reloaded at a cold start
 FUNCTION_CONTEXT = SimpleNamespace(function_name="local", memory_limit_in_mb=512, aws_request_id="local",
                                    invoked_function_arn=f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:local",
                                    get_remaining_time_in_millis=lambda: 120000)  # fmt: skip
@@ -42,9 +43,11 @@ def free_port() -> int:
 @dataclass
 class Function:
     name: str
-    handler: str  # module.attribute, relative to lambdas/
+    handler: str  # module.attribute, relative to its code folder
     env: dict
     events: dict  # template Events, resolved
+    code: Path = None  # its CodeUri: lambdas/, or the folder `sam build` made for it
+    layers: list = field(default_factory=list)  # content folders of its layers, mounted at /opt as Lambda does
     module: object = None
     sqs: dict = None  # its SQS event source, if any
     dlq: str = None  # its dead-letter queue URL, if any
@@ -65,8 +68,17 @@ class JobRun:
 class LocalStack:
     """Start with start(); stop with stop(). log: where the live log lines go."""
 
-    def __init__(self, config_env: str = "local", log=print, workdir: str | None = None, overrides: dict = None):
-        self.template = Template(config_env, overrides)
+    def __init__(self, config_env: str = "local", log=print, workdir: str | None = None, overrides: dict = None,
+                 build_dir: str | None = None, weights: str | None = None):  # fmt: skip
+        """build_dir: what `sam build` left (its template.yaml, function and layer folders); without it, the
+        source template, lambdas/ and emr_job/Makefile's layer build (cached in out/). weights: the file the
+        deployer put at ModelWeights, when that is an s3:// URI."""
+        path = Path(build_dir) / "template.yaml" if build_dir else None
+        self.template = Template(config_env, overrides, path)
+        self.built = build_dir is not None
+        self.weights = weights
+        self.layers: dict = {}  # layer version ARN -> content folder
+        self.responses: dict = {}  # ResponseURL path -> the custom resource's response
         self.log = log
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="image-features-local-"))
         self.functions: dict = {}
@@ -95,8 +107,81 @@ class LocalStack:
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
         _documented_s3_notifications()
+        self._serve_responses()
+        self._deployer_uploads()
         self._create_resources()
         return self
+
+    def _deployer_uploads(self) -> None:
+        """What the deployer did before `sam deploy`: put the weights file at ModelWeights when it is an S3 URI."""
+        spec = self.template.parameters.get("ModelWeights", "imagenet")
+        if not spec.startswith("s3://"):
+            return
+        if not self.weights:
+            raise ValueError(f"ModelWeights={spec}: give the local stack the weights file to put there")
+        bucket, key = spec[len("s3://") :].split("/", 1)
+        s3 = self.client("s3")
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+        s3.upload_file(self.weights, bucket, key)
+
+    def _serve_responses(self) -> None:
+        """The presigned https:// ResponseURL CloudFormation gives custom resources: it takes one PUT of the
+        response. Its certificate is trusted through SSL_CERT_FILE, as S3's is on AWS."""
+        from tests.tls import ResponseServer
+
+        self.response_server = ResponseServer(self.workdir / "tls")
+        self.responses = self.response_server.responses
+        os.environ["SSL_CERT_FILE"] = self.response_server.cert
+
+    def custom_resource(self, request_type: str, logical: str, props: dict, old: dict | None = None,
+                        physical: str | None = None, timeout: float = 900) -> dict:  # fmt: skip
+        """Invoke a custom resource's function as CloudFormation does, and wait for the response it PUTs to the
+        ResponseURL (CloudFormation user guide, crpg-ref-requests and crpg-ref-responses). Returns the response."""
+        token = props["ServiceToken"]
+        function = next(name for name, fn in self.functions.items() if self.template.values[f"{name}.Arn"] == token)
+        request_id = str(uuid.uuid4())
+        stack_id = f"arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/{self.template.values['AWS::StackName']}/local"
+        event = {
+            "RequestType": request_type, "ServiceToken": token, "StackId": stack_id, "RequestId": request_id,
+            "ResponseURL": f"{self.response_server.url}/{request_id}",
+            "ResourceType": self.template.doc["Resources"][logical]["Type"], "LogicalResourceId": logical,
+            "ResourceProperties": _cfn_strings(props, self.functions[function].layers),
+        }  # fmt: skip
+        if physical:
+            event["PhysicalResourceId"] = physical
+        if old is not None:
+            event["OldResourceProperties"] = _cfn_strings(old, self.functions[function].layers)
+        self.invoke(function, event)
+        deadline = time.time() + timeout
+        while f"/{request_id}" not in self.responses:
+            if time.time() > deadline:
+                raise TimeoutError(f"{logical}: no response at the ResponseURL")
+            time.sleep(0.1)
+        response = self.responses[f"/{request_id}"]
+        if response["Status"] != "SUCCESS":
+            raise RuntimeError(f"{logical} {request_type} failed: {response.get('Reason')}")
+        if request_type != "Delete":
+            values = self.template.values
+            values[logical] = response["PhysicalResourceId"]
+            values.update({f"{logical}.{k}": v for k, v in response.get("Data", {}).items()})
+            self._refresh_environments()
+        return response
+
+    def _refresh_environments(self) -> None:
+        """Functions whose environment names a custom resource's output get the new value, as an update would."""
+        t = self.template
+        globals_ = t.value(t.doc["Globals"]["Function"])
+        for logical, fn in self.functions.items():
+            props = t.doc["Resources"][logical].get("Properties", {})
+            variables = props.get("Environment", {}).get("Variables", {})
+            try:
+                env = {**globals_["Environment"]["Variables"], **t.value(variables)}
+            except KeyError:
+                continue  # a resource it names is not made yet
+            env = {k: str(v) for k, v in env.items()}
+            if env != fn.env:
+                fn.env, fn.module = env, None  # a new cold start with the new configuration
 
     def serve(self, timers: bool = True) -> None:
         """Run the event source poller, the schedules (unless a test fires them itself) and the EMR runner."""
@@ -115,6 +200,8 @@ class LocalStack:
             for thread in self._threads:
                 thread.join(timeout=3)  # daemons: whatever is still blocked ends with the process
         with contextlib.suppress(Exception, KeyboardInterrupt):
+            self.response_server.stop()
+            os.environ.pop("SSL_CERT_FILE", None)
             self.server.stop()
         self.function_logs.close()
 
@@ -147,9 +234,13 @@ class LocalStack:
         globals_ = t.value(t.doc["Globals"]["Function"])
         env = {**globals_["Environment"]["Variables"], **props.get("Environment", {}).get("Variables", {})}
         env = {k: str(v) for k, v in env.items()}
-        fn = Function(logical, props.get("Handler", globals_.get("Handler")), env, props.get("Events", {}))
+        code = t.path.parent / props.get("CodeUri", globals_.get("CodeUri"))
+        layers = [self.layers[arn] for arn in props.get("Layers", [])]
+        fn = Function(logical, props.get("Handler", globals_.get("Handler")), env, props.get("Events", {}), code,
+                      layers)  # fmt: skip
         self.functions[logical] = fn
         t.values[logical] = f"image-features-{t.parameters['Stage']}-{logical}"
+        t.values[f"{logical}.Arn"] = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{t.values[logical]}"
         for name, event in fn.events.items():
             p = event.get("Properties", {})
             if event["Type"] == "EventBridgeRule":
@@ -166,8 +257,9 @@ class LocalStack:
         with self._lock, contextlib.redirect_stdout(self.function_logs):
             os.environ.update(fn.env)
             if fn.module is None:
-                sys.path.insert(0, str(ROOT / "lambdas"))
-                for name in [m for m in sys.modules if m.split(".")[0] in ("trigger", "job_state", "pipeline")]:
+                codes = {str(f.code) for f in self.functions.values()}
+                sys.path[:] = [str(fn.code)] + [p for p in sys.path if p not in codes]
+                for name in [m for m in sys.modules if m.split(".")[0] in FUNCTION_PACKAGES]:
                     del sys.modules[name]
                 fn.module = importlib.import_module(fn.handler.rsplit(".", 1)[0].replace("/", "."))
             handler = getattr(fn.module, fn.handler.rsplit(".", 1)[1])
@@ -263,19 +355,21 @@ class LocalStack:
                         threading.Thread(target=self._execute, args=(job,), daemon=True).start()
 
     def _execute(self, job: JobRun) -> None:
-        """Run exactly the job driver StartJobRun was given, with spark-submit on a local master."""
+        """Run exactly the job driver StartJobRun was given, with spark-submit on a local master, as the EMR image
+        would: its Spark (the developer's pyspark here), its Python 3.9 with only the runtime archive the stack
+        shipped (spark.archives, unpacked as EMR does), never the developer's virtual environment."""
         folder = self.workdir / job.job_id
         folder.mkdir(parents=True, exist_ok=True)
         entry = self._fetch(job.driver["entryPoint"], folder)
         args = [entry if a == job.driver["entryPoint"] else a for a in job.driver.get("entryPointArguments", [])]
-        submit = local_submit_parameters(
-            job.driver.get("sparkSubmitParameters", ""), lambda uri: self._fetch(uri, folder)
-        )
-        command = [str(Path(PY).parent / "spark-submit"), "--master", "local[2]", *submit, entry, *args]
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYSPARK")},
-               "PYSPARK_PYTHON": PY, "TF_CPP_MIN_LOG_LEVEL": "2", "AWS_ENDPOINT_URL": self.endpoint}  # fmt: skip
-        for name in [n for n in env if n in self.template.doc["Globals"]["Function"]["Environment"]["Variables"]]:
-            del env[name]  # the job sees EMR's environment, not the functions'
+        submit, driver_env = local_submit_parameters(
+            job.driver.get("sparkSubmitParameters", ""), lambda uri: self._fetch(uri, folder),
+            lambda uri, alias: unpack_runtime(self._fetch(uri, folder), folder / alias),
+        )  # fmt: skip
+        spark_home = Path(PY).parent.parent / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / (
+            "site-packages/pyspark")  # fmt: skip
+        command = [str(spark_home / "bin" / "spark-submit"), "--master", "local[2]", *submit, entry, *args]
+        env = emr_environment(self.endpoint, spark_home, driver_env)
         self._set_state(job, "RUNNING")
         stdout, stderr = folder / "stdout", folder / "stderr"
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
@@ -331,6 +425,19 @@ class LocalStack:
             self.log(f"  (its state change event is lost on purpose: job {job.job_id[:8]})")
             return
         self.emit(job_state_event(app, job, state, previous, detail))
+
+
+def _mounted(value: str, layers: list) -> str:
+    """Lambda mounts a function's layers at /opt: a path there is the layer's content folder here."""
+    if value.startswith("/opt/") and layers:
+        return str(Path(layers[0]) / value[len("/opt/") :])
+    return value
+
+
+def _cfn_strings(props: dict, layers: list) -> dict:
+    """CloudFormation passes a custom resource's scalar properties as strings; a path under /opt names what the
+    function's layer holds there."""
+    return {k: v if isinstance(v, (dict, list)) else _mounted(str(v), layers) for k, v in props.items()}
 
 
 # --- resource creators: one per type template.yaml uses ---------------------------------------------------
@@ -429,6 +536,13 @@ def _queue_policy(stack, logical, props):
         )
 
 
+def _topic_policy(stack, logical, props):
+    for arn in props["Topics"]:
+        stack.client("sns").set_topic_attributes(
+            TopicArn=arn, AttributeName="Policy", AttributeValue=json.dumps(_plain_http(props["PolicyDocument"]))
+        )
+
+
 def _managed_policy(stack, logical, props):
     name = f"image-features-{stack.template.parameters['Stage']}-{logical}"
     arn = stack.client("iam").create_policy(PolicyName=name, PolicyDocument=json.dumps(props["PolicyDocument"]))
@@ -500,6 +614,36 @@ def _work_group(stack, logical, props):
     stack.template.values[logical] = props["Name"]
 
 
+def _layer(stack, logical, props):
+    """A layer's content: the folder `sam build` made, or emr_job/Makefile's target run here (the same recipe)."""
+    name = props.get("LayerName", logical)
+    arn = f"arn:aws:lambda:{REGION}:{ACCOUNT}:layer:{name}:1"
+    content = stack.template.path.parent / props["ContentUri"] if stack.built else local_layer_build(logical)
+    stack.layers[arn] = str(content)
+    stack.template.values[logical] = arn
+
+
+def local_layer_build(logical: str) -> Path:
+    """make build-<logical> of emr_job/Makefile into out/local-build/<logical>; the runtime archive is reused
+    while requirements.txt is unchanged (it takes a minute and some downloads to build)."""
+    from emr_job import package
+
+    arch = {"JobRuntimeX86": "X86_64", "JobRuntimeArm64": "ARM64"}[logical]
+    content = ROOT / "out" / "local-build" / logical
+    job = content / "job"
+    requirements = package.sha256_file(str(ROOT / "emr_job" / "requirements.txt"))
+    stamp = content / "requirements.sha256"
+    runtime = job / f"runtime-{arch.lower()}.tar.gz"
+    reuse = runtime.is_file() and stamp.is_file() and stamp.read_text() == requirements
+    package.layer(str(job), arch, runtime=str(runtime) if reuse else None)
+    stamp.write_text(requirements)
+    return content
+
+
+def _custom_resource(stack, logical, props):
+    stack.custom_resource("Create", logical, props)
+
+
 def _function(stack, logical, props):
     stack._function(logical, props)
     fn = stack.functions[logical]
@@ -521,9 +665,12 @@ CREATORS = {
     "AWS::Logs::LogGroup": _log_group,
     "AWS::EMRServerless::Application": _application,
     "AWS::SNS::Topic": _topic,
+    "AWS::SNS::TopicPolicy": _topic_policy,
     "AWS::SNS::Subscription": lambda stack, logical, props: None,  # the topic's inbox stands in for email
     "AWS::CloudWatch::Alarm": _alarm,
     "AWS::Serverless::Function": _function,
+    "AWS::Serverless::LayerVersion": _layer,
+    "Custom::JobArtifacts": _custom_resource,
     "AWS::Glue::Database": _glue_database,
     "AWS::Athena::WorkGroup": _work_group,
 }
@@ -562,10 +709,12 @@ def schedule_seconds(expression: str) -> float:
     return 86400.0
 
 
-def local_submit_parameters(parameters: str, fetch) -> list:
-    """EMR Serverless spark-submit parameters for a local master: --py-files fetched from S3, the EMR-only
-    settings dropped (image's Python path, executor sizes a laptop does not have)."""
-    out, words = [], shlex.split(parameters)
+def local_submit_parameters(parameters: str, fetch, unpack) -> tuple:
+    """EMR Serverless spark-submit parameters for a local master -> (spark-submit options, driver environment).
+    --py-files are fetched from S3; spark.archives are fetched and unpacked into the job's folder under their
+    alias, as EMR does beside each driver and executor; spark.emr-serverless.driverEnv.* become the driver's
+    environment; executor and driver sizes a laptop does not have are dropped."""
+    out, env, words = [], {}, shlex.split(parameters)
     i = 0
     while i < len(words):
         word = words[i]
@@ -574,16 +723,61 @@ def local_submit_parameters(parameters: str, fetch) -> list:
             i += 2
             continue
         if word == "--conf":
-            key = words[i + 1].split("=", 1)[0]
-            if not (key.startswith("spark.emr-serverless.") or key.endswith("PYSPARK_PYTHON")
-                    or key in ("spark.executor.memory", "spark.driver.memory", "spark.executor.cores",
-                               "spark.driver.cores", "spark.dynamicAllocation.maxExecutors")):  # fmt: skip
+            key, _, value = words[i + 1].partition("=")
+            if key == "spark.archives":
+                for archive in value.split(","):
+                    uri, _, alias = archive.partition("#")
+                    unpack(uri, alias or Path(uri).name)
+            elif key.startswith("spark.emr-serverless.driverEnv."):
+                env[key[len("spark.emr-serverless.driverEnv.") :]] = value
+            elif not (key.startswith("spark.emr-serverless.")
+                      or key in ("spark.executor.memory", "spark.driver.memory", "spark.executor.cores",
+                                 "spark.driver.cores", "spark.dynamicAllocation.maxExecutors")):  # fmt: skip
                 out += ["--conf", words[i + 1]]
             i += 2
             continue
         out.append(word)
         i += 1
-    return out + ["--conf", "spark.driver.memory=1g"]
+    return out + ["--conf", "spark.driver.memory=1g"], env
+
+
+def emr_python() -> str:
+    """The interpreter that plays the EMR 7.x image's /usr/bin/python3.9 here."""
+    import glob
+    import shutil
+
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9.*/bin/python3.9"))) or [
+        shutil.which("python3.9")
+    ]  # pyenv's shims come last: they exist even where 3.9 is not installed
+    if not found[-1]:
+        raise RuntimeError("no Python 3.9 here: the local EMR runs the job on the EMR image's Python version")
+    return found[-1]
+
+
+def unpack_runtime(archive: str, target: Path) -> None:
+    """Unpack the runtime archive as Spark does; its interpreter links name the EMR image's Python, which is
+    this machine's Python 3.9 here (the one change made to what the stack shipped)."""
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        tar.extractall(target)  # noqa: S202  (an archive this stack built)
+    python = emr_python()
+    for link in (target / "bin").iterdir():
+        if link.is_symlink() and os.readlink(link).startswith("/usr/bin/python"):
+            link.unlink()
+            link.symlink_to(python)
+    config = target / "pyvenv.cfg"
+    config.write_text(re.sub(r"^home = .*$", f"home = {Path(python).parent}", config.read_text(), flags=re.M))
+
+
+def emr_environment(endpoint: str, spark_home: Path, driver_env: dict) -> dict:
+    """What a job's process sees on EMR: its Spark, its credentials and region, nothing of the developer's
+    shell (no virtual environment, no PYTHONPATH, no PATH entries of the venv)."""
+    keep = ("HOME", "JAVA_HOME", "LANG", "TMPDIR", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(PATH="/usr/local/bin:/usr/bin:/bin", SPARK_HOME=str(spark_home), AWS_ENDPOINT_URL=endpoint,
+               AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION, **driver_env)  # fmt: skip
+    return env
 
 
 def _documented_s3_notifications() -> None:

@@ -16,8 +16,11 @@ NO_VALUE = object()
 
 
 class Template:
-    def __init__(self, config_env: str = "local", overrides: dict | None = None):
-        self.doc, _ = decode(str(ROOT / "template.yaml"))
+    """path: template.yaml, or the one `sam build` leaves (code and layer paths relative to it)."""
+
+    def __init__(self, config_env: str = "local", overrides: dict | None = None, path: Path | None = None):
+        self.path = Path(path or ROOT / "template.yaml")
+        self.doc, _ = decode(str(self.path))
         self.parameters = {k: str(v.get("Default", "")) for k, v in self.doc["Parameters"].items()}
         self.parameters.update(samconfig_overrides(config_env))
         self.parameters.update(overrides or {})  # as `sam deploy --parameter-overrides` would
@@ -51,8 +54,13 @@ class Template:
                 target = target if isinstance(target, list) else target.split(".", 1)
                 return self.values[".".join(target)]
             if set(node) == {"Fn::Sub"}:
-                text = node["Fn::Sub"]
-                return re.sub(r"\$\{([^}]+)\}", lambda m: str(self.values[m.group(1)]), text)
+                text, local = node["Fn::Sub"], {}
+                if isinstance(text, list):  # [text, {name: value}]
+                    text, local = text[0], {k: self.value(v) for k, v in text[1].items()}
+                return re.sub(r"\$\{([^}]+)\}", lambda m: str({**self.values, **local}[m.group(1)]), text)
+            if set(node) == {"Fn::Select"}:
+                index, items = node["Fn::Select"]
+                return self.value(items)[int(index)]
             if set(node) == {"Fn::Join"}:
                 separator, parts = node["Fn::Join"]
                 return separator.join(str(x) for x in self.value(parts))
@@ -79,7 +87,10 @@ class Template:
             if name in seen or name not in kept:
                 return
             seen.add(name)
-            for dependency in sorted(references(kept[name]) | set(_list(kept[name].get("DependsOn", [])))):
+            needs = references(kept[name]) | set(_list(kept[name].get("DependsOn", [])))
+            if kept[name]["Type"] == "AWS::Serverless::Function":  # SAM merges Globals into each function
+                needs |= references(self.doc.get("Globals", {}).get("Function", {}))
+            for dependency in sorted(needs):
                 visit(dependency)
             ordered.append((name, kept[name]))
 
@@ -97,8 +108,9 @@ def references(node) -> set:
         if "Fn::GetAtt" in node:
             target = node["Fn::GetAtt"]
             found.add(target[0] if isinstance(target, list) else target.split(".")[0])
-        if "Fn::Sub" in node and isinstance(node["Fn::Sub"], str):
-            found |= {m.split(".")[0] for m in re.findall(r"\$\{([^}]+)\}", node["Fn::Sub"])}
+        if "Fn::Sub" in node:
+            text, local = (node["Fn::Sub"], {}) if isinstance(node["Fn::Sub"], str) else node["Fn::Sub"]
+            found |= {m.split(".")[0] for m in re.findall(r"\$\{([^}]+)\}", text) if m not in local}
         for v in node.values():
             found |= references(v)
     elif isinstance(node, list):

@@ -45,16 +45,22 @@ def test_sam_validate_lint(sam_env):
     assert "is a valid SAM Template" in proc.stdout + proc.stderr
 
 
-def test_sam_build_packages_both_functions(sam_env, tmp_path):
-    build = tmp_path / "build"
-    cmd = [str(SAM), "build", "--build-dir", str(build), "--cache-dir", str(tmp_path / "cache")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=sam_env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for function, handler in [("TriggerFunction", "trigger/app.py"), ("JobStateFunction", "job_state/app.py")]:
+def test_sam_build_packages_the_functions_and_the_jobs_runtime_without_docker(sam_build):
+    build = sam_build
+    for function, handler in [("TriggerFunction", "trigger/app.py"), ("JobStateFunction", "job_state/app.py"),
+                              ("ArtifactsFunction", "artifacts/app.py")]:  # fmt: skip
         assert (build / function / handler).is_file()
         assert (build / function / "pipeline" / "control.py").is_file()
         assert (build / function / "aws_lambda_powertools").is_dir()
         assert (build / function / "boto3").is_dir()  # the SDK the code is tested with, not the runtime's
+    assert (build / "ArtifactsFunction" / "crhelper").is_dir()
+    for layer, arch in [("JobRuntimeX86", "x86_64"), ("JobRuntimeArm64", "arm64")]:
+        job = build / layer / "job"
+        manifest = json.loads((job / "manifest.json").read_text())["files"]
+        assert set(manifest) == {"emr_job.zip", "main.py", f"runtime-{arch}.tar.gz"}
+        # A Lambda function and its layers hold at most 250 MB unzipped (Lambda quotas)
+        size = sum(f.stat().st_size for d in (build / layer, build / "ArtifactsFunction") for f in d.rglob("*"))
+        assert size < 250 * 2**20, size
 
 
 # --- storage security and GDPR ------------------------------------------------------------------------
@@ -86,6 +92,65 @@ def test_bucket_policy_denies_plain_http():
     assert statement["Effect"] == "Deny" and statement["Principal"] == "*" and statement["Action"] == "s3:*"
     assert statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
     assert {arn_text(r) for r in statement["Resource"]} == {"${DataBucket.Arn}", "${DataBucket.Arn}/*"}
+
+
+def test_dead_letter_queues_and_the_alert_topic_refuse_plain_http():
+    [queues] = [RESOURCES["DeadLetterQueuesPolicy"]["Properties"]]
+    assert queues["Queues"] == [{"Ref": "UploadDeadLetterQueue"}, {"Ref": "JobStateDeadLetterQueue"}]
+    topic = RESOURCES["AlertTopicPolicy"]["Properties"]
+    assert topic["Topics"] == [{"Ref": "AlertTopic"}]
+    for document in (queues["PolicyDocument"], topic["PolicyDocument"]):
+        denies = [st for st in document["Statement"] if st["Effect"] == "Deny"]
+        assert [st["Condition"] for st in denies] == [{"Bool": {"aws:SecureTransport": "false"}}]
+        assert denies[0]["Principal"] == "*"
+    # The topic policy replaces SNS's default one: CloudWatch alarms of this account may still publish
+    [alarms] = [st for st in topic["PolicyDocument"]["Statement"] if st["Effect"] == "Allow"]
+    assert alarms["Principal"] == {"Service": "cloudwatch.amazonaws.com"} and alarms["Action"] == "sns:Publish"
+    assert alarms["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+
+
+def test_key_policy_grants_each_service_what_its_documentation_asks_and_no_more():
+    statements = {st["Sid"]: st for st in RESOURCES["DataKey"]["Properties"]["KeyPolicy"]["Statement"]}
+    # S3 user guide (notification to an encrypted queue): no condition S3 would not send
+    s3 = statements["S3NotificationsToTheEncryptedQueue"]
+    assert set(s3["Action"]) == {"kms:GenerateDataKey", "kms:Decrypt"} and "Condition" not in s3
+    # CloudWatch Logs user guide (encrypt-log-data-kms): the log group ARN in the encryption context
+    logs = statements["CloudWatchLogsEncryptThisStacksLogGroups"]
+    assert logs["Principal"] == {"Service": {"Fn::Sub": "logs.${AWS::Region}.amazonaws.com"}}
+    context = logs["Condition"]["ArnLike"]["kms:EncryptionContext:aws:logs:arn"]["Fn::Sub"]
+    assert context.endswith(":log-group:/aws/lambda/image-features-${Stage}-*")
+    for name in ("TriggerLogGroup", "JobStateLogGroup", "ArtifactsLogGroup"):  # every group the key encrypts
+        assert RESOURCES[name]["Properties"]["LogGroupName"]["Fn::Sub"].startswith(
+            "/aws/lambda/image-features-${Stage}-"
+        )
+    # CloudWatch alarms only decrypt and make data keys to publish to the encrypted topic
+    alarms = statements["CloudWatchAlarmsPublishToTheEncryptedTopic"]
+    assert alarms["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    assert set(alarms["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey*"}
+
+
+def test_trust_policies_name_the_account_and_source_where_the_service_sends_them():
+    def trust(role):
+        [statement] = RESOURCES[role]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+        return statement.get("Condition", {})
+
+    assert trust("EmrRuntimeRole") == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
+    service = trust("EmrServiceRole")
+    assert service["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+    assert service["ArnLike"]["aws:SourceArn"]["Fn::Sub"].startswith("arn:${AWS::Partition}:elasticmapreduce:")
+    assert trust("EmrInstanceRole") == {}  # EC2 assumes instance roles without a source context
+
+
+def test_the_first_cluster_of_an_account_may_create_only_emrs_cleanup_role():
+    statements = identity_statements({"UseKms": True, **ENGINES[1]})["TriggerFunction"]
+    [slr] = [st for st in statements if "iam:CreateServiceLinkedRole" in as_list(st["Action"])]
+    assert arn_text(slr["Resource"]).endswith(
+        "/aws-service-role/elasticmapreduce.amazonaws.com*/AWSServiceRoleForEMRCleanup*"
+    )
+    emr = ["elasticmapreduce.amazonaws.com", "elasticmapreduce.amazonaws.com.cn"]
+    assert slr["Condition"] == {"StringLike": {"iam:AWSServiceName": emr}}
+    serverless = identity_statements({"UseKms": True, **ENGINES[0]})["TriggerFunction"]
+    assert not [st for st in serverless if "iam:CreateServiceLinkedRole" in as_list(st["Action"])]
 
 
 def test_bucket_owner_enforced_and_versioned():
@@ -139,7 +204,10 @@ def test_samconfig_environments_and_capabilities():
     config = tomllib.loads((ROOT / "samconfig.toml").read_text())
     for env in ("default", "dev", "prod"):
         deploy = config[env]["deploy"]["parameters"]
-        assert deploy["capabilities"] == "CAPABILITY_IAM" and "Stage=" in deploy["parameter_overrides"]
+        # Engine=ec2 names its instance profile (EMR wants the role's name): CloudFormation then needs NAMED_IAM,
+        # which `sam deploy --guided` takes from here (guided_context: the environment's capabilities by default)
+        assert deploy["capabilities"] == "CAPABILITY_IAM CAPABILITY_NAMED_IAM"
+        assert "Stage=" in deploy["parameter_overrides"]
     assert config["prod"]["deploy"]["parameters"]["stack_name"] != config["dev"]["deploy"]["parameters"]["stack_name"]
 
 
@@ -235,9 +303,10 @@ COMMON = {"dynamodb:GetItem", "dynamodb:UpdateItem", "kms:Decrypt", "kms:Generat
 START = {
     "serverless": {"emr-serverless:StartJobRun", "emr-serverless:TagResource", "emr-serverless:GetJobRun",
                    "emr-serverless:ListJobRuns"},
+    # RunJobFlow makes AWSServiceRoleForEMRCleanup with the caller's permissions on an account's first cluster
     "ec2": {"elasticmapreduce:RunJobFlow", "elasticmapreduce:ListClusters", "elasticmapreduce:AddTags",
             "elasticmapreduce:DescribeCluster", "elasticmapreduce:ListSteps",
-            "elasticmapreduce:PutAutoTerminationPolicy"},
+            "elasticmapreduce:PutAutoTerminationPolicy", "iam:CreateServiceLinkedRole", "iam:PutRolePolicy"},
 }  # fmt: skip
 
 
@@ -253,14 +322,22 @@ def test_each_function_holds_only_the_actions_it_calls(engine):
 
 
 # --- wiring ------------------------------------------------------------------------------------------
+ARTIFACT_VARIABLES = {"ARTIFACTS_VERSION", "JOB_ENTRY_URI", "JOB_ARCHIVE_URI", "RUNTIME_ARCHIVE_URI", "WEIGHTS_URI"}
+
+
 def test_environment_variables_are_exactly_those_the_code_reads():
     sys.path.insert(0, str(ROOT / "lambdas"))
     from pipeline.settings import ENV_VARS, POWERTOOLS_ENV_VARS
 
     declared = set(TEMPLATE["Globals"]["Function"]["Environment"]["Variables"])
-    assert declared == set(ENV_VARS) | set(POWERTOOLS_ENV_VARS)
-    for res in RESOURCES.values():
-        assert "Environment" not in res.get("Properties", {}), "functions take configuration from Globals only"
+    assert declared | ARTIFACT_VARIABLES == set(ENV_VARS) | set(POWERTOOLS_ENV_VARS)
+    # What runs execute comes from JobArtifacts, and goes to the two functions that start runs
+    for name, res in RESOURCES.items():
+        own = res.get("Properties", {}).get("Environment", {}).get("Variables", {})
+        if name in ("TriggerFunction", "JobStateFunction"):
+            assert own == {v: {"Fn::GetAtt": ["JobArtifacts", ARTIFACT_ATTRIBUTES[v]]} for v in ARTIFACT_VARIABLES}
+        else:
+            assert not own, name
     # ... and only settings.py reads the environment
     for path in (ROOT / "lambdas").rglob("*.py"):
         if path.name != "settings.py":
@@ -274,6 +351,7 @@ def test_queue_feeds_the_trigger_with_partial_failures_and_a_dead_letter_queue()
     source = trigger["Events"]["Uploads"]["Properties"]
     assert source["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     window = TEMPLATE["Parameters"]["BatchingWindowSeconds"]
+    assert window["MinValue"] >= 1  # Lambda refuses a window under 1 s when BatchSize is above 10
     assert source["BatchSize"] == 10000 and source["MaximumBatchingWindowInSeconds"] == {"Ref": "BatchingWindowSeconds"}
     # Reserved concurrency would throttle the pollers and dead-letter uploads; MaximumConcurrency caps them
     assert "ReservedConcurrentExecutions" not in trigger and source["ScalingConfig"]["MaximumConcurrency"] >= 2
@@ -314,8 +392,11 @@ def test_emr_serverless_application_is_cheap_when_idle():
     assert set(app["MaximumCapacity"]) == {"Cpu", "Memory", "Disk"}
     assert "InitialCapacity" not in app  # no pre-initialized (billed while idle) workers
     assert resolve(app["ImageConfiguration"], {"HasCustomImage": True}) == {"ImageUri": {"Ref": "CustomImageUri"}}
-    rule = TEMPLATE["Rules"]["ServerlessNeedsTheJobImage"]
-    assert "CustomImageUri" in rule["Assertions"][0]["AssertDescription"]
+    # A custom image is optional: the runtime reaches the workers from S3, so no rule asks for one
+    assert "ServerlessNeedsTheJobImage" not in TEMPLATE["Rules"]
+    assert app["Architecture"] == {"Ref": "Architecture"}
+    architecture = TEMPLATE["Parameters"]["Architecture"]
+    assert architecture["Default"] == "ARM64" and set(architecture["AllowedValues"]) == {"ARM64", "X86_64"}
 
 
 def test_state_table_and_alerts_have_a_topic():
@@ -327,20 +408,53 @@ def test_state_table_and_alerts_have_a_topic():
     assert alarms and all(a["Properties"]["AlarmActions"] == [{"Ref": "AlertTopic"}] for a in alarms)
 
 
-def test_artifact_layout_agrees_between_packaging_and_launchers():
+# settings variable -> the JobArtifacts attribute it carries (lambdas/artifacts/publish.py returns them)
+ARTIFACT_ATTRIBUTES = {"ARTIFACTS_VERSION": "Version", "JOB_ENTRY_URI": "JobEntryUri",
+                       "JOB_ARCHIVE_URI": "JobArchiveUri", "RUNTIME_ARCHIVE_URI": "RuntimeArchiveUri",
+                       "WEIGHTS_URI": "WeightsUri"}  # fmt: skip
+
+
+def test_the_stack_puts_what_runs_execute_in_place_itself():
+    # A layer `sam build` makes (emr_job/Makefile), one per architecture, chosen by the parameter
+    for name, condition in (("JobRuntimeArm64", "IsArm64"), ("JobRuntimeX86", "IsX86")):
+        layer = RESOURCES[name]
+        assert layer["Type"] == "AWS::Serverless::LayerVersion" and layer["Condition"] == condition
+        assert layer["Metadata"] == {"BuildMethod": "makefile"} and layer["Properties"]["ContentUri"] == "emr_job/"
+        assert f"build-{name}:" in (ROOT / "emr_job" / "Makefile").read_text()
+    chosen = {"Fn::If": ["IsArm64", {"Ref": "JobRuntimeArm64"}, {"Ref": "JobRuntimeX86"}]}
+    assert RESOURCES["ArtifactsFunction"]["Properties"]["Layers"] == [chosen]
+    # A custom resource copies it to S3 at every deployment; a new layer version makes CloudFormation update it
+    resource = RESOURCES["JobArtifacts"]["Properties"]
+    assert resource["ServiceToken"] == {"Fn::GetAtt": ["ArtifactsFunction", "Arn"]}
+    assert resource["Layer"] == chosen and resource["Source"] == "/opt/job"
+    assert resource["ModelWeights"] == {"Ref": "ModelWeights"}
+    assert resource["KeepSupersededMinutes"] == {"Ref": "JobTimeoutMinutes"}
+    weights = TEMPLATE["Parameters"]["ModelWeights"]
+    assert weights["Default"] == "imagenet" and re.fullmatch(weights["AllowedPattern"], "s3://my-bucket/w.h5")
+    # The functions are built with the same Makefile method: no local interpreter of the runtime's version
+    for name in ("TriggerFunction", "JobStateFunction", "ArtifactsFunction"):
+        assert RESOURCES[name]["Metadata"]["BuildMethod"] == "makefile"
+        assert f"build-{name}:" in (ROOT / "lambdas" / "Makefile").read_text()
     sys.path.insert(0, str(ROOT / "lambdas"))
-    from pipeline.settings import load
+    from artifacts.publish import ATTRIBUTES  # what publish() returns (tests/lambdas/test_artifacts.py)
 
-    from emr_job.package import ARTIFACTS, WEIGHTS_KEY
+    assert set(ARTIFACT_ATTRIBUTES.values()) == set(ATTRIBUTES)
 
-    s = load(
-        {"BUCKET": "b", "TABLE_NAME": "t", "EMR_APPLICATION_ID": "a", "EMR_RUNTIME_ROLE_ARN": "r", "QUIET_SECONDS": "0"}
-    )
-    base = "s3://b/artifacts/"
-    assert {s.job_entry_uri, s.job_archive_uri, s.bootstrap_uri, *s.bootstrap_args} == {
-        base + k for k in ARTIFACTS.values()
-    }
-    assert s.weights_uri == base + WEIGHTS_KEY
+
+def test_functions_run_on_the_newest_python_runtime():
+    # AWS Lambda runtimes page: python3.14 and python3.13 are deprecated on 2029-06-30, python3.11 on 2027-06-30
+    assert TEMPLATE["Globals"]["Function"]["Runtime"] == "python3.14"
+    assert "--python-version 3.14" in (ROOT / "lambdas" / "Makefile").read_text().replace("$(LAMBDA_PYTHON)", "3.14")
+
+
+def test_guided_deploy_asks_for_the_alert_address_and_the_weights():
+    alert = TEMPLATE["Parameters"]["AlertEmail"]
+    assert "Default" not in alert  # CloudFormation needs a value: the guided deploy asks, `none` opts out
+    assert re.fullmatch(alert["AllowedPattern"], "ops@example.org") and re.fullmatch(alert["AllowedPattern"], "none")
+    assert not re.fullmatch(alert["AllowedPattern"], "")
+    assert RESOURCES["AlertEmailSubscription"]["Condition"] == "HasAlertEmail"
+    groups = TEMPLATE["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
+    assert groups[0]["Parameters"][:3] == ["ModelWeights", "ModelWeightsSha256", "AlertEmail"]
 
 
 def test_lambda_and_job_recognise_the_same_image_extensions():

@@ -1,0 +1,158 @@
+"""The rollout, rehearsed without an AWS account: the template as `sam build` leaves it, brought up on the local
+stack; the JobArtifacts custom resource driven as CloudFormation drives it (Create, Update with a changed job,
+Delete, each answered at its ResponseURL); images dropped and results checked. The job runs on the EMR image's
+Python version with only what the stack shipped: no site-packages, no project venv."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.job.images import make_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def deployed(sam_build, tmp_path, weights_file, monkeypatch):
+    """`sam deploy` of the built template with the local samconfig environment (ModelWeights=s3://...)."""
+    from tests.localstack.__main__ import Watcher
+    from tests.localstack.stack import LocalStack
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # restored afterwards; the stack sets them
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    lines = []
+    stack = LocalStack("local", log=lines.append, workdir=str(tmp_path / "stack"), build_dir=str(sam_build),
+                       weights=weights_file)  # fmt: skip
+    stack.start()
+    stack.serve(timers=False)
+    stack.watcher = Watcher(stack)
+    yield stack
+    import requests
+
+    requests.post(f"{stack.endpoint}/moto-api/reset", timeout=10)
+    stack.stop()
+
+
+def keys(stack, prefix: str) -> set:
+    pages = stack.client("s3").get_paginator("list_objects_v2").paginate(Bucket=stack.bucket, Prefix=prefix)
+    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+
+def report(stack) -> dict:
+    body = stack.client("s3").get_object(Bucket=stack.bucket, Key="results/report.json")["Body"].read()
+    return json.loads(body)
+
+
+def changed_layer(sam_build: Path, target: Path) -> Path:
+    """The layer `sam build` makes after a change to the job (one line of main.py), its runtime unchanged."""
+    source = target / "emr_job"
+    shutil.copytree(ROOT / "emr_job", source, ignore=shutil.ignore_patterns("__pycache__"))
+    main = source / "main.py"
+    main.write_text(main.read_text() + "\n# a change to the job\n")
+    runtime = next((sam_build / "JobRuntimeX86" / "job").glob("runtime-*.tar.gz"))
+    content = target / "layer"
+    subprocess.run([sys.executable, str(source / "package.py"), "layer", str(content / "job"), "--architecture",
+                    "X86_64", "--runtime", str(runtime)], check=True, capture_output=True)  # fmt: skip
+    return content
+
+
+def test_sam_build_then_deploy_alone_gives_a_pipeline_that_processes_the_first_images(deployed, sam_build, tmp_path):
+    stack, s3 = deployed, deployed.client("s3")
+
+    # Given the stack as `sam deploy` creates it: JobArtifacts answered SUCCESS at its ResponseURL, having put
+    # the job, its runtime and the weights in content-keyed folders, and the functions know where
+    [created] = stack.responses.values()
+    assert created["Status"] == "SUCCESS" and created["PhysicalResourceId"] == f"s3://{stack.bucket}/artifacts/"
+    entry = stack.functions["TriggerFunction"].env["JOB_ENTRY_URI"]
+    version = entry.split("/")[-2]
+    assert keys(stack, f"artifacts/job/{version}/") == {
+        f"artifacts/job/{version}/{name}" for name in ("emr_job.zip", "main.py", "runtime-x86_64.tar.gz", "deployed")
+    }
+    assert stack.functions["JobStateFunction"].env["WEIGHTS_URI"] == stack.outputs["WeightsUri"]
+
+    # When the first images are dropped under images/
+    paths = make_tree(str(tmp_path / "src"), labels=("Apple", "Kiwi"), per_label=3)
+    for path in paths:
+        s3.upload_file(path, stack.bucket, "images/" + os.path.relpath(path, tmp_path / "src"))
+    first = stack.watcher.wait_for_settled(None)
+
+    # Then the run succeeds and the results hold every image, computed by the shipped runtime on Python 3.9
+    assert first["state"] == "SUCCESS", first
+    rpt = report(stack)
+    assert (rpt["images_total"], rpt["images_ok"], rpt["images_failed"]) == (6, 6, 0)
+    assert rpt["engine"] == "onnxruntime 1.19.2"  # the runtime archive's, not the developer venv's
+    [job] = stack.jobs.values()
+    python = (stack.workdir / job.job_id / "environment" / "bin" / "python").resolve()
+    assert python.name == "python3.9", python
+
+    # When the job changes and CloudFormation updates the stack: a new layer version, the function mounts it, and
+    # JobArtifacts gets an Update with the old properties
+    new_layer = changed_layer(sam_build, tmp_path / "update")
+    new_arn = "arn:aws:lambda:eu-west-3:123456789012:layer:image-features-local-job-runtime:2"
+    stack.layers[new_arn] = str(new_layer)
+    stack.functions["ArtifactsFunction"].layers = [str(new_layer)]
+    old_props = stack.template.value(stack.template.doc["Resources"]["JobArtifacts"]["Properties"])
+    updated = stack.custom_resource("Update", "JobArtifacts", {**old_props, "Layer": new_arn}, old=old_props,
+                                    physical=created["PhysicalResourceId"])  # fmt: skip
+
+    # Then the new job is in a folder of its own, the old one stays for runs started on it, and the functions start
+    # the next run with the new one
+    assert updated["Status"] == "SUCCESS" and updated["PhysicalResourceId"] == created["PhysicalResourceId"]
+    new_entry = stack.functions["TriggerFunction"].env["JOB_ENTRY_URI"]
+    assert new_entry != entry and keys(stack, f"artifacts/job/{version}/")
+    s3.put_object(Bucket=stack.bucket, Key="images/Kiwi/late.jpg", Body=Path(paths[0]).read_bytes())
+    second = stack.watcher.wait_for_settled(first["run_id"])
+    assert second["state"] == "SUCCESS" and report(stack)["images_ok"] == 7
+    newest = max(stack.jobs.values(), key=lambda j: j.started)
+    assert newest.driver["entryPoint"] == new_entry
+
+    # When the stack is deleted: the artifacts go, and CloudFormation hears so
+    deleted = stack.custom_resource("Delete", "JobArtifacts", {**old_props, "Layer": new_arn},
+                                    physical=created["PhysicalResourceId"])  # fmt: skip
+    assert deleted["Status"] == "SUCCESS"
+    assert keys(stack, "artifacts/") == set()
+
+
+def test_the_arm64_runtime_holds_the_same_packages_built_for_aarch64(sam_build):
+    """Graviton cannot run here: its archive is checked for what differs, the machine code of every library."""
+    import tarfile
+
+    def contents(layer: str):
+        [archive] = (sam_build / layer / "job").glob("runtime-*.tar.gz")
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            packages = {Path(m.name).name for m in members if m.name.endswith(".dist-info")}
+            machines = {}
+            for m in members:
+                if m.isfile() and ".so" in Path(m.name).name:
+                    header = tar.extractfile(m).read(20)
+                    if header[:4] == b"\x7fELF":
+                        machines[m.name] = int.from_bytes(header[18:20], "little")  # e_machine
+        return packages, machines
+
+    x86_packages, x86_machines = contents("JobRuntimeX86")
+    arm_packages, arm_machines = contents("JobRuntimeArm64")
+    assert arm_packages == x86_packages and len(arm_packages) > 40
+    assert set(x86_machines.values()) == {62}  # EM_X86_64
+    assert set(arm_machines.values()) == {183}, {k for k, v in arm_machines.items() if v != 183}  # EM_AARCH64
+    assert len(arm_machines) > 50
+
+
+def test_the_runtime_has_no_tensorflow_and_never_pyspark(sam_build):
+    [archive] = (sam_build / "JobRuntimeX86" / "job").glob("runtime-*.tar.gz")
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        tops = {Path(m.name).parts[3] for m in tar.getmembers() if len(Path(m.name).parts) > 3}
+    assert "onnxruntime" in tops and "pyiceberg" in tops
+    assert not {"tensorflow", "keras", "pyspark", "py4j"} & tops
+    with zipfile.ZipFile(sam_build / "JobRuntimeX86" / "job" / "emr_job.zip") as zf:
+        assert "emr_job/main.py" in zf.namelist()
