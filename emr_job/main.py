@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by spark-submit: make the package importable
@@ -59,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pyiceberg").setLevel(logging.WARNING)  # "Defaulting to PyArrow FileIO", per table
+    # The EMR runtime's pyiceberg has no compiled Avro decoder (emr_job/requirements.txt says why): expected there.
+    warnings.filterwarnings("ignore", message="Falling back to pure Python Avro decoder")
     args = parse_args(argv)
     from emr_job.catalog import CatalogError
     from emr_job.job import JobConfig, run

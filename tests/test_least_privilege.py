@@ -20,7 +20,8 @@ from tests.lambdas.stack import create_stack
 from tests.template.cfn import ENGINES, policies, stack_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = {"AKIATRIGGERFUNCTION0": "trigger", "AKIAJOBSTATEFUNCTION": "job_state", "AKIAEMRJOBRUNTIMEROL": "job"}
+KEYS = {"AKIATRIGGERFUNCTION0": "trigger", "AKIAJOBSTATEFUNCTION": "job_state", "AKIAEMRJOBRUNTIMEROL": "job",
+        "AKIAARTIFACTSFUNCTIO": "artifacts"}  # fmt: skip
 
 
 @pytest.fixture
@@ -51,14 +52,14 @@ def as_principal(monkeypatch, name: str) -> None:
     monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # the default session caches the first credentials
 
 
-def stack_policies(stack, engine: int) -> dict:
+def stack_policies(stack, engine: int, **parameters) -> dict:
     names = {"UploadQueue": "uploads", "UploadDeadLetterQueue": "uploads-dlq", "AlertTopic": "run-failures",
              "EmrRuntimeRole": "emr-runtime", "EmrServiceRole": "emr-service",
              "EmrInstanceRole": "emr-instance-profile", "JobStateDeadLetterQueue": "job-state-dlq",
              "ResultsDatabase": "image_features_dev"}  # fmt: skip
     values = stack_values(ACCOUNT, "eu-west-3", BUCKET, "runs", stack.app_id, names)
-    values["Stage"] = "dev"
-    return policies({**ENGINES[engine], "UseKms": True}, values)
+    values.update(Stage="dev", **parameters)
+    return policies({**ENGINES[engine], "UseKms": True, "WeightsFromS3": True}, values)
 
 
 def check(calls: list, granted: dict) -> None:
@@ -156,3 +157,40 @@ def test_the_ec2_flow_needs_nothing_the_template_does_not_grant(recorder, monkey
             "iam:PassRole"} <= {c.action for c in calls}  # fmt: skip
     check(calls, stack_policies(stack, 1))
     assert json.dumps(sorted({c.principal for c in calls})) == '["job_state", "trigger"]'
+
+
+def test_the_stack_puts_its_artifacts_in_place_with_only_what_it_is_granted(recorder, weights_file, tmp_path,
+                                                                             monkeypatch):  # fmt: skip
+    from artifacts.publish import Request, publish, remove
+
+    from tests.lambdas.test_artifacts import layer
+
+    # Given the stack's bucket, and a weights file the deployer uploaded elsewhere (ModelWeights=s3://...)
+    stack = create_stack()
+    stack.s3.create_bucket(Bucket="deployer", CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
+    stack.s3.upload_file(weights_file, "deployer", "uploads/mobilenet_v2.weights.h5")
+    as_principal(monkeypatch, "artifacts")
+    import boto3
+
+    s3 = boto3.client("s3", region_name="eu-west-3")
+    weights = "s3://deployer/uploads/mobilenet_v2.weights.h5"
+
+    # When JobArtifacts is created, updated with a changed job (pruning what is past its window), and deleted
+    publish(s3, Request(BUCKET, "artifacts/", layer(tmp_path / "a", b"A"), weights, "", 0))
+    publish(s3, Request(BUCKET, "artifacts/", layer(tmp_path / "b", b"B"), weights, "", 0))
+    remove(s3, Request(BUCKET, "artifacts/", layer(tmp_path / "b", b"B"), weights, "", 0))
+
+    # Then every call it made is allowed by ArtifactsFunction's policies, with ModelWeights naming that file
+    calls = recorded_calls(recorder, KEYS)
+    assert {c.principal for c in calls} == {"artifacts"}
+    assert {"s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:ListBucket"} <= {c.action for c in calls}
+    granted = stack_policies(stack, 0, ModelWeights=weights)
+    check(calls, granted)
+    # And nothing else of the bucket, nor any other file of the deployer's
+    outside = [
+        Call("artifacts", "s3:PutObject", f"arn:aws:s3:::{BUCKET}/images/Kiwi/new.jpg"),
+        Call("artifacts", "s3:DeleteObject", f"arn:aws:s3:::{BUCKET}/results/report.json"),
+        Call("artifacts", "s3:GetObject", "arn:aws:s3:::deployer/uploads/other.h5"),
+        Call("artifacts", "s3:ListBucket", f"arn:aws:s3:::{BUCKET}", (("s3:prefix", "images/"),)),
+    ]
+    assert [c.describe() for c in outside if allows(granted[c.principal], c)] == []

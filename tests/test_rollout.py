@@ -156,3 +156,64 @@ def test_the_runtime_has_no_tensorflow_and_never_pyspark(sam_build):
     assert not {"tensorflow", "keras", "pyspark", "py4j"} & tops
     with zipfile.ZipFile(sam_build / "JobRuntimeX86" / "job" / "emr_job.zip") as zf:
         assert "emr_job/main.py" in zf.namelist()
+
+
+def test_an_ec2_step_runs_the_shipped_runtime_as_yarn_does(sam_build, moto_server, tmp_path, weights_file, monkeypatch):
+    """Engine=ec2: no bootstrap action installs anything; the step brings the runtime archive (--archives, which
+    YARN unpacks beside the driver and each executor) and points PySpark at its interpreter."""
+    import boto3
+    from artifacts.publish import Request, publish
+    from pipeline.launchers import Ec2Launcher
+    from pipeline.settings import load
+
+    from tests.lambdas.stack import BUCKET, create_stack
+    from tests.localstack.stack import emr_environment, local_submit_parameters, spark_home, unpack_runtime
+
+    # Given the stack's bucket with the artifacts JobArtifacts puts there from the sam-built layer
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    stack = create_stack()
+    s3 = stack.s3
+    s3.create_bucket(Bucket="deployer", CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
+    s3.upload_file(weights_file, "deployer", "mobilenet_v2.weights.h5")
+    data = publish(s3, Request(BUCKET, "artifacts/", str(sam_build / "JobRuntimeX86" / "job"),
+                               "s3://deployer/mobilenet_v2.weights.h5", "", 3600))  # fmt: skip
+    env = {**stack.env, "ENGINE": "ec2", "ARTIFACTS_VERSION": data["Version"], "JOB_ENTRY_URI": data["JobEntryUri"],
+           "JOB_ARCHIVE_URI": data["JobArchiveUri"], "RUNTIME_ARCHIVE_URI": data["RuntimeArchiveUri"],
+           "WEIGHTS_URI": data["WeightsUri"]}  # fmt: skip
+    settings = load(env)
+    for path in make_tree(str(tmp_path / "src"), labels=("Apple", "Kiwi"), per_label=2):
+        s3.upload_file(path, BUCKET, "images/" + os.path.relpath(path, tmp_path / "src"))
+
+    # When the launcher starts a cluster: no bootstrap action, one step
+    cluster = Ec2Launcher(boto3.client("emr", region_name="eu-west-3"), settings).start("run-20261129T000000Z-0a1b2c3d")
+    emr = boto3.client("emr", region_name="eu-west-3")
+    assert emr.list_bootstrap_actions(ClusterId=cluster)["BootstrapActions"] == []
+    [step] = emr.list_steps(ClusterId=cluster)["Steps"]
+    words = step["Config"]["Args"]
+    assert words[:5] == ["timeout", "180m", "spark-submit", "--deploy-mode", "cluster"]
+
+    # And the step's spark-submit runs here as YARN would run it: the archive unpacked in the container's folder,
+    # the driver's environment from appMasterEnv, EMR's Python 3.9, no venv, no package index
+    folder = tmp_path / "container"
+    folder.mkdir()
+
+    def fetch(uri: str) -> str:
+        bucket, key = uri[len("s3://") :].split("/", 1)
+        target = folder / key.rsplit("/", 1)[-1]
+        s3.download_file(bucket, key, str(target))
+        return str(target)
+
+    entry = words.index(settings.job_entry_uri)
+    unpack = lambda uri, alias: unpack_runtime(fetch(uri), folder / alias)  # noqa: E731
+    submit, driver_env = local_submit_parameters(words[5:entry], fetch, unpack)
+    command = [*words[:2], str(spark_home() / "bin" / "spark-submit"), "--master", "local[2]", *submit,
+               fetch(settings.job_entry_uri), *words[entry + 1 :]]  # fmt: skip
+    proc = subprocess.run(command, cwd=folder, env=emr_environment(moto_server, spark_home(), driver_env),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    # Then the run succeeds, with the runtime's packages
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert driver_env == {"PYSPARK_PYTHON": "./environment/bin/python"}
+    body = s3.get_object(Bucket=BUCKET, Key="results/report.json")["Body"].read()
+    rpt = json.loads(body)
+    assert rpt["images_ok"] == 4 and rpt["engine"] == "onnxruntime 1.19.2"

@@ -1,12 +1,13 @@
-"""make package / make deploy helpers: what EMR runs, the checks before a deploy, the upload after it."""
+"""emr_job.package: what `sam build` puts in the JobRuntime layer (emr_job/Makefile), byte for byte reproducible
+so that its content key changes only when the job does. The runtime archive itself is built by the session's
+`sam build` and checked in tests/test_rollout.py."""
 
+import hashlib
+import json
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
-
-import boto3
-import pytest
-from moto import mock_aws
 
 from emr_job import package
 
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_build_makes_the_archive_and_entry_file(tmp_path):
     built = package.build(str(tmp_path))
-    assert [Path(p).name for p in built] == list(package.ARTIFACTS)
+    assert [Path(p).name for p in built] == list(package.JOB_FILES)
     with zipfile.ZipFile(tmp_path / "emr_job.zip") as zf:
         names = zf.namelist()
     assert "emr_job/main.py" in names and "emr_job/featurize.py" in names
@@ -23,74 +24,37 @@ def test_build_makes_the_archive_and_entry_file(tmp_path):
     assert (
         package.build(str(tmp_path / "again"))
         and (tmp_path / "again" / "emr_job.zip").read_bytes() == (tmp_path / "emr_job.zip").read_bytes()
-    )  # reproducible: unchanged sources, unchanged S3 object
+    )  # reproducible: unchanged sources, unchanged content key
 
 
-def test_deploy_check_refuses_what_would_fail_the_first_run(tmp_path, weights_file):
-    with pytest.raises(package.DeployError, match="no model weights file"):
-        package.check(str(tmp_path / "missing.h5"), "serverless", "img:1")
-    not_weights = tmp_path / "notes.h5"
-    not_weights.write_bytes(b"not an HDF5 file")
-    with pytest.raises(package.DeployError, match="is not a weights file for MobileNetV2"):
-        package.check(str(not_weights), "ec2", "")
-    with pytest.raises(package.DeployError, match="needs the job image"):
-        package.check(weights_file, "serverless", "")
-    package.check(weights_file, "ec2", "")  # nothing raised: ready to deploy
+def test_the_layer_lists_each_file_with_its_sha256(tmp_path):
+    # Given a runtime archive built before for the same requirements (building one takes a minute)
+    runtime = tmp_path / "prebuilt.tar.gz"
+    runtime.write_bytes(b"\x1f\x8b stand-in archive")
+    # When the layer is made as emr_job/Makefile makes it, from a copy of emr_job/ run as a plain script
+    copy = tmp_path / "src"
+    import shutil
+
+    shutil.copytree(ROOT / "emr_job", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "layer" / "job"
+    subprocess.run([sys.executable, str(copy / "package.py"), "layer", str(out), "--architecture", "ARM64",
+                    "--runtime", str(runtime)], check=True, capture_output=True)  # fmt: skip
+    # Then the manifest names every file with its SHA-256, which the custom resource checks before uploading
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["architecture"] == "ARM64"
+    assert set(manifest["files"]) == {"emr_job.zip", "main.py", "runtime-arm64.tar.gz"}
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    # ... and the job is the same bytes as one built from the repository
+    assert (out / "emr_job.zip").read_bytes() == Path(package.build(str(tmp_path / "repo"))[0]).read_bytes()
 
 
-def test_overrides_keep_samconfig_and_add_the_image():
-    merged = package.overrides("dev", "123.dkr.ecr.eu-west-3.amazonaws.com/image-features:7")
-    assert merged.startswith("Stage=dev ") and merged.endswith(
-        " CustomImageUri=123.dkr.ecr.eu-west-3.amazonaws.com/image-features:7"
-    )
+def test_an_unknown_architecture_is_refused_before_anything_is_built(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "emr_job.package", "runtime", str(tmp_path), "--architecture",
+                           "MIPS"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "invalid choice: 'MIPS'" in proc.stderr
 
 
-def test_upload_puts_artifacts_where_the_launchers_look(tmp_path, weights_file, monkeypatch):
-    sys.path.insert(0, str(ROOT / "lambdas"))
-    from pipeline.settings import load
-
-    package.build(str(tmp_path / "dist"))
-    with mock_aws():
-        s3 = boto3.client("s3", region_name="eu-west-3")
-        s3.create_bucket(Bucket="image-features-dev-1", CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
-        cfn = boto3.client("cloudformation", region_name="eu-west-3")
-        cfn.create_stack(
-            StackName="image-features-dev",
-            TemplateBody='{"Resources": {"Q": {"Type": "AWS::SQS::Queue"}},'
-            ' "Outputs": {"ArtifactsUri": {"Value": "s3://image-features-dev-1/artifacts/"}}}',
-        )
-        uploaded = package.upload("dev", weights_file, str(tmp_path / "dist"))
-
-        s = load({"BUCKET": "image-features-dev-1", "TABLE_NAME": "t", "EMR_APPLICATION_ID": "a",
-                  "EMR_RUNTIME_ROLE_ARN": "r", "QUIET_SECONDS": "0"})  # fmt: skip
-        needed = {s.job_entry_uri, s.job_archive_uri, s.bootstrap_uri, *s.bootstrap_args, s.weights_uri}
-        assert set(uploaded) == needed
-        for uri in needed:
-            s3.head_object(Bucket="image-features-dev-1", Key=uri.split("/", 3)[3])
-
-
-def test_image_makes_a_repository_emr_serverless_may_pull_and_builds_for_the_applications_architecture():
-    # Given an account with no repository yet
-    commands = []
-    with mock_aws():
-        # When `make image` runs (docker itself is recorded, not run: there is no Docker engine here)
-        uri = package.image("dev", "42", run=lambda cmd, **kw: commands.append(cmd))
-        again = package.image("dev", "43", run=lambda cmd, **kw: None)  # the repository already exists: fine
-
-        # Then the repository exists, immutable and scanned, and lets this account's EMR Serverless apps pull
-        ecr = boto3.client("ecr", region_name="eu-west-3")
-        [repo] = ecr.describe_repositories(repositoryNames=["image-features"])["repositories"]
-        assert repo["imageTagMutability"] == "IMMUTABLE" and repo["imageScanningConfiguration"]["scanOnPush"]
-        import json
-
-        policy = json.loads(ecr.get_repository_policy(repositoryName="image-features")["policyText"])
-    [statement] = policy["Statement"]
-    assert statement["Principal"] == {"Service": "emr-serverless.amazonaws.com"}
-    assert set(statement["Action"]) == {"ecr:BatchGetImage", "ecr:DescribeImages", "ecr:GetDownloadUrlForLayer"}
-    assert statement["Condition"]["ArnLike"]["aws:SourceArn"].endswith(":/applications/*")
-    assert uri == "123456789012.dkr.ecr.eu-west-3.amazonaws.com/image-features:42" and again.endswith(":43")
-    # ... and the image is built for the architecture template.yaml gives the application, then pushed
-    login, build, push = commands
-    assert login[:2] == ["docker", "login"] and push == ["docker", "push", uri]
-    platform = build[build.index("--platform") + 1]
-    assert platform == package.PLATFORMS[package.application_architecture()] == "linux/amd64"
+def test_overrides_are_the_environments_text_with_its_quotes():
+    assert package.overrides("dev").endswith("MaxVcpu='16 vCPU' MaxMemory='64 GB'")
+    assert package.overrides("local").startswith("Stage=local ")

@@ -366,10 +366,8 @@ class LocalStack:
             job.driver.get("sparkSubmitParameters", ""), lambda uri: self._fetch(uri, folder),
             lambda uri, alias: unpack_runtime(self._fetch(uri, folder), folder / alias),
         )  # fmt: skip
-        spark_home = Path(PY).parent.parent / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / (
-            "site-packages/pyspark")  # fmt: skip
-        command = [str(spark_home / "bin" / "spark-submit"), "--master", "local[2]", *submit, entry, *args]
-        env = emr_environment(self.endpoint, spark_home, driver_env)
+        command = [str(spark_home() / "bin" / "spark-submit"), "--master", "local[2]", *submit, entry, *args]
+        env = emr_environment(self.endpoint, spark_home(), driver_env)
         self._set_state(job, "RUNNING")
         stdout, stderr = folder / "stdout", folder / "stderr"
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
@@ -709,35 +707,40 @@ def schedule_seconds(expression: str) -> float:
     return 86400.0
 
 
-def local_submit_parameters(parameters: str, fetch, unpack) -> tuple:
-    """EMR Serverless spark-submit parameters for a local master -> (spark-submit options, driver environment).
-    --py-files are fetched from S3; spark.archives are fetched and unpacked into the job's folder under their
-    alias, as EMR does beside each driver and executor; spark.emr-serverless.driverEnv.* become the driver's
-    environment; executor and driver sizes a laptop does not have are dropped."""
-    out, env, words = [], {}, shlex.split(parameters)
+def local_submit_parameters(parameters, fetch, unpack) -> tuple:
+    """spark-submit options of EMR Serverless (a string) or of an EMR on EC2 step (a list) for a local master ->
+    (spark-submit options, driver environment). --py-files are fetched from S3; spark.archives and --archives
+    are fetched and unpacked into the job's folder under their alias, as EMR does beside each driver and
+    executor; spark.emr-serverless.driverEnv.* and spark.yarn.appMasterEnv.* (the driver's container in YARN
+    cluster mode) become the driver's environment; sizes a laptop does not have, and the deploy mode, go."""
+    out, env = [], {}
+    words = shlex.split(parameters) if isinstance(parameters, str) else list(parameters)
+    driver_env = ("spark.emr-serverless.driverEnv.", "spark.yarn.appMasterEnv.")
     i = 0
     while i < len(words):
         word = words[i]
         if word == "--py-files":
             out += ["--py-files", ",".join(fetch(u) for u in words[i + 1].split(","))]
-            i += 2
-            continue
-        if word == "--conf":
+        elif word in ("--archives", "--conf") and (word == "--archives" or words[i + 1].startswith("spark.archives=")):
+            for archive in words[i + 1].split("=", 1)[-1].split(","):
+                uri, _, alias = archive.partition("#")
+                unpack(uri, alias or Path(uri).name)
+        elif word == "--deploy-mode":
+            pass
+        elif word == "--conf":
             key, _, value = words[i + 1].partition("=")
-            if key == "spark.archives":
-                for archive in value.split(","):
-                    uri, _, alias = archive.partition("#")
-                    unpack(uri, alias or Path(uri).name)
-            elif key.startswith("spark.emr-serverless.driverEnv."):
-                env[key[len("spark.emr-serverless.driverEnv.") :]] = value
+            prefix = next((p for p in driver_env if key.startswith(p)), None)
+            if prefix:
+                env[key[len(prefix) :]] = value
             elif not (key.startswith("spark.emr-serverless.")
                       or key in ("spark.executor.memory", "spark.driver.memory", "spark.executor.cores",
                                  "spark.driver.cores", "spark.dynamicAllocation.maxExecutors")):  # fmt: skip
                 out += ["--conf", words[i + 1]]
-            i += 2
+        else:
+            out.append(word)
+            i += 1
             continue
-        out.append(word)
-        i += 1
+        i += 2
     return out + ["--conf", "spark.driver.memory=1g"], env
 
 
@@ -777,7 +780,15 @@ def emr_environment(endpoint: str, spark_home: Path, driver_env: dict) -> dict:
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update(PATH="/usr/local/bin:/usr/bin:/bin", SPARK_HOME=str(spark_home), AWS_ENDPOINT_URL=endpoint,
                AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION, **driver_env)  # fmt: skip
+    # No package index at run time (private subnets): any pip the job ran would fail here
+    env.update(PIP_NO_INDEX="1", PIP_INDEX_URL="http://127.0.0.1:9/unreachable")
     return env
+
+
+def spark_home() -> Path:
+    """EMR's Spark: the developer's pyspark here (the same 3.5 minor)."""
+    return Path(PY).parent.parent / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages" / (
+        "pyspark")  # fmt: skip
 
 
 def _documented_s3_notifications() -> None:

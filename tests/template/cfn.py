@@ -17,6 +17,7 @@ NO_VALUE = object()
 PRINCIPALS = {  # who runs with which policies: the functions' roles, and the EMR runtime (or instance) role
     "TriggerFunction": "trigger",
     "JobStateFunction": "job_state",
+    "ArtifactsFunction": "artifacts",
     "EmrRuntimeRole": "job",
 }
 
@@ -111,7 +112,16 @@ def substitute(node, values: dict):
         if set(node) == {"Fn::GetAtt"}:
             return values[".".join(as_list(node["Fn::GetAtt"]))]
         if set(node) == {"Fn::Sub"}:
-            return re.sub(r"\$\{([^}]+)\}", lambda m: values[m.group(1)], node["Fn::Sub"])
+            text, local = node["Fn::Sub"], {}
+            if isinstance(text, list):  # [text, {name: value}]
+                text, local = text[0], {k: substitute(v, values) for k, v in text[1].items()}
+            return re.sub(r"\$\{([^}]+)\}", lambda m: {**values, **local}[m.group(1)], text)
+        if set(node) == {"Fn::Split"}:
+            separator, text = node["Fn::Split"]
+            return substitute(text, values).split(separator)
+        if set(node) == {"Fn::Select"}:
+            index, items = node["Fn::Select"]
+            return substitute(items, values)[int(index)]
         return {k: substitute(v, values) for k, v in node.items()}
     if isinstance(node, list):
         return [substitute(v, values) for v in node]
