@@ -3,6 +3,7 @@ gone, refit PCA, and publish every table at once (emr_job/store.py). Safe to rep
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -30,6 +31,7 @@ from emr_job.featurize import (
     featurize_partition,
     prepare_worker,
 )
+from emr_job.inputs import inputs_digest
 from emr_job.pca import (
     FILE_ROWS_SCHEMA,
     MOMENTS_SCHEMA,
@@ -108,6 +110,7 @@ def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) 
     store_index = read_live(files, ["path", "version", "weights"])
     listing, ignored = storage.list_images(cfg.input)
     plan = make_plan(listing, ignored, store_index, files, results.read("failures"), weights.fingerprint)
+    plan.inputs = _listed_inputs(cfg.input, listing)
     timer.lap("plan")
     log(f"{plan.featurize.num_rows} images to featurize, {plan.reused} unchanged in the store, "
         f"{plan.removed} removed")  # fmt: skip
@@ -116,6 +119,8 @@ def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) 
         removed = remove_orphans(results, grace_s=_grace(cfg))
         log(f"nothing changed since run {results.report['run_id'] if results.report else '-'}; nothing published")
         previous = dict(results.report or {})
+        if plan.inputs and previous.get("inputs") != plan.inputs:
+            previous = _stamp_inputs(results, previous, plan.inputs, log)
         catalog = _sync_catalog(cfg, log)
         return {**previous, "published": False, "orphans_removed": removed, "timings_s": timer.total(), **catalog}
 
@@ -186,6 +191,7 @@ def _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, file
         "images_removed": plan.removed + gone,
         "images_recomputed_for_new_weights": plan.restale,
         "files_ignored": plan.ignored,
+        "inputs": plan.inputs,
         "failures_by_reason": dict(Counter(r["reason"].split(":")[0] for r in failure_rows)),
         "variance_target": cfg.variance if cfg.k is None else None,
         "k": None,
@@ -227,6 +233,28 @@ def _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, file
     _step(fail_at, "published")
     published["maintenance"]["orphans_removed"] = remove_orphans(Results(cfg.output), grace_s=_grace(cfg))
     return {**published, "published": True, **_sync_catalog(cfg, log)}
+
+
+def _listed_inputs(input_root: str, listing: pa.Table) -> Optional[dict]:
+    """The digest of an S3 listing, whose versions are ETags (what the daily pass lists too); None for folders."""
+    root = storage.normalize(input_root)
+    if not storage.is_s3(root):
+        return None
+    bucket = f"s3://{storage.split_s3_uri(root)[0]}/"
+    keys = (path[len(bucket) :] for path in listing.column("path").to_pylist())
+    return inputs_digest(zip(keys, listing.column("version").to_pylist(), listing.column("size").to_pylist()))
+
+
+def _stamp_inputs(results: Results, previous: dict, inputs: dict, log) -> dict:
+    """A report from before inputs digests, on a store that matches the listing: record the digest, or the daily
+    pass would start a run that publishes nothing every day. Losing the swap is fine: that run recorded its own."""
+    stamped = {**previous, "inputs": inputs}
+    try:
+        storage.write_if(results.report_uri, json.dumps(stamped, indent=2).encode(), results.token)
+    except storage.ConflictError:
+        return previous
+    log("recorded the inputs digest in the published report")
+    return stamped
 
 
 def _sync_catalog(cfg: JobConfig, log) -> dict:

@@ -6,6 +6,7 @@ dicts: a million stored images plan in seconds and a few hundred MB on the drive
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,7 @@ class Plan:
     reused: int = 0  # feature rows kept as they are
     removed: int = 0  # images gone from the input whose rows (features or failure) go
     restale: int = 0  # rows recomputed because they were made with other weights
+    inputs: Optional[dict] = None  # digest of an S3 listing (emr_job/inputs.py), for the report and the daily pass
 
     @property
     def changes(self) -> bool:

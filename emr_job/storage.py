@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 
 from emr_job.images import is_image_name
 
-LISTING_SCHEMA = pa.schema([("path", pa.string()), ("label", pa.string()), ("version", pa.string())])
+LISTING_SCHEMA = pa.schema(
+    [("path", pa.string()), ("label", pa.string()), ("version", pa.string()), ("size", pa.int64())]
+)
 
 
 class ConflictError(RuntimeError):
@@ -102,7 +104,7 @@ def label_of(root: str, path: str) -> Optional[str]:
 
 
 def list_images(root: str) -> tuple[pa.Table, int]:
-    """Every image file under root (by extension, any case) as (path, label, version), and the count ignored.
+    """Every image file under root (by extension, any case) as (path, label, version, size), and the count ignored.
 
     Versions are S3 ETags, or size:mtime for local files. Arrow columns, not Python objects: a million
     images stay around 150 MB on the driver."""
@@ -111,7 +113,7 @@ def list_images(root: str) -> tuple[pa.Table, int]:
         return _list_s3(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"input folder not found: {root}")
-    paths, versions, ignored = [], [], 0
+    paths, versions, sizes, ignored = [], [], [], 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
@@ -122,11 +124,12 @@ def list_images(root: str) -> tuple[pa.Table, int]:
             st = os.stat(path)
             paths.append(path)
             versions.append(f"{st.st_size}:{st.st_mtime_ns}")
-    return _listing(root, paths, versions), ignored
+            sizes.append(st.st_size)
+    return _listing(root, paths, versions, sizes), ignored
 
 
-def _listing(root: str, paths: list, versions: list) -> pa.Table:
-    return pa.table([paths, [label_of(root, p) for p in paths], versions], schema=LISTING_SCHEMA)
+def _listing(root: str, paths: list, versions: list, sizes: list) -> pa.Table:
+    return pa.table([paths, [label_of(root, p) for p in paths], versions, sizes], schema=LISTING_SCHEMA)
 
 
 def _list_s3(root: str) -> tuple[pa.Table, int]:
@@ -141,20 +144,21 @@ def _list_s3(root: str) -> tuple[pa.Table, int]:
 
     def list_folder(folder: str) -> list:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder)
-        return [(o["Key"], o["ETag"].strip('"')) for page in pages for o in page.get("Contents", [])]
+        return [(o["Key"], o["ETag"].strip('"'), o["Size"]) for page in pages for o in page.get("Contents", [])]
 
     with ThreadPoolExecutor(16) as pool:
-        found = [(o["Key"], o["ETag"].strip('"')) for o in loose]
+        found = [(o["Key"], o["ETag"].strip('"'), o["Size"]) for o in loose]
         for chunk in pool.map(list_folder, folders):
             found += chunk
-    paths, versions, ignored = [], [], 0
-    for key, etag in found:
+    paths, versions, sizes, ignored = [], [], [], 0
+    for key, etag, size in found:
         if key.endswith("/") or not is_image_name(key):
             ignored += 1
             continue
         paths.append(f"s3://{bucket}/{key}")
         versions.append(etag)
-    return _listing(root, paths, versions), ignored
+        sizes.append(size)
+    return _listing(root, paths, versions, sizes), ignored
 
 
 def read_bytes(path: str) -> tuple[bytes, Optional[str]]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Optional
 
+from pipeline.inputs import current_inputs, published_report
 from pipeline.launchers import JobOutcome, StartRefused
 from pipeline.notifications import TICK
 from pipeline.observability import count, digest, logger
@@ -29,6 +30,7 @@ class Pipeline:
     launcher: object  # ServerlessLauncher | Ec2Launcher
     sqs: object = None
     sns: object = None
+    s3: object = None
 
 
 @dataclass
@@ -110,10 +112,45 @@ def reconcile(p: Pipeline) -> dict:
 
 
 def daily(p: Pipeline) -> dict:
-    """Once a day, reconcile against images/ whatever the events said (expiries, lost events, old images)."""
+    """Once a day, catch what the events missed (expiries, lost events, old images): mark the pipeline dirty if
+    images/ differs from what the published run listed (or, given up, from what the failed run had). Nothing
+    changed: nothing starts. A run active or due is marked as before, since its listing may predate the change."""
+    state = p.state.read()
+    why = _daily_reason(p, state) if state.run is None and (not state.dirty or state.given_up) else "run active or due"
+    if why is None:
+        logger.info("daily pass: images/ unchanged since the published run; nothing to start")
+        count("DailyUnchanged")
+        return {"daily": "unchanged", "next": maybe_start(p).reason}
     p.state.mark_daily()
     count("DailyReconciliations")
-    return {"daily": True, "next": maybe_start(p).reason}
+    logger.info("daily pass: reconciling", extra={"why": why})
+    return {"daily": why, "next": maybe_start(p).reason}
+
+
+def _daily_reason(p: Pipeline, state: State) -> Optional[str]:
+    """Why the daily pass should run the job now; None when nothing changed. Any doubt runs it."""
+    s = p.settings
+    try:
+        if state.given_up:
+            on = state.given_up_on or {}
+            if on.get("artifacts") != s.artifacts_version:
+                return "given up; new artifacts deployed"
+            if on.get("inputs") != current_inputs(p.s3, s.bucket, s.images_prefix)["sha256"]:
+                return "given up; images changed"
+            return None
+        report = published_report(p.s3, s.bucket, s.results_prefix)
+        now = current_inputs(p.s3, s.bucket, s.images_prefix)
+        if report is None:
+            return "no results yet" if now["images"] else None
+        if report.get("inputs") != now:
+            return "images changed" if report.get("inputs") else "the report has no inputs digest (an older job)"
+        if (report.get("maintenance") or {}).get("oldest_uncompacted_delete"):
+            return "erased rows to compact"  # runs stay at least daily until erased rows leave the table files
+        return None
+    except Exception:
+        logger.exception("daily pass: images/ or the report could not be read; reconciling anyway")
+        count("DailyInputsUnreadable")
+        return "inputs unreadable"
 
 
 # --- internals ---------------------------------------------------------------------------------------------
@@ -144,13 +181,16 @@ def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
     run, s = state.run, p.settings
     record = {"run_id": run.run_id, "state": outcome.state, "attempt": run.attempt, "detail": outcome.detail[:500]}
     alert = None
+    given_up_on = None
     if not outcome.succeeded:
         gave_up = state.failures + 1 >= s.max_attempts
-        then = "no more automatic runs until a new change or the daily reconciliation" if gave_up else (
+        if gave_up:
+            given_up_on = {"artifacts": s.artifacts_version, **_inputs_sha(p)}
+        then = "no more automatic runs until a new upload, or new images or artifacts seen daily" if gave_up else (
             f"retrying in {retry_delay_s(s.retry_base_seconds, state.failures) // 60} minutes")  # fmt: skip
         alert = _alert(f"run {run.run_id} ended {outcome.state}", run, outcome.state, f"{outcome.detail}; {then}")
     try:
-        p.state.settle(state, outcome.succeeded, record, alert, s.retry_base_seconds, s.max_attempts)
+        p.state.settle(state, outcome.succeeded, record, alert, s.retry_base_seconds, s.max_attempts, given_up_on)
     except Conflict:
         logger.info("run already settled by another invocation", extra={"run_id": run.run_id})
         return
@@ -158,6 +198,15 @@ def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
     logger.info("run settled", extra=record)
     if alert:
         flush_alert(p, p.state.read())
+
+
+def _inputs_sha(p: Pipeline) -> dict:
+    """{"inputs": the images/ digest} as a run gives up; {} if unreadable (then the daily pass restarts it)."""
+    try:
+        return {"inputs": current_inputs(p.s3, p.settings.bucket, p.settings.images_prefix)["sha256"]}
+    except Exception:
+        logger.exception("images/ could not be listed as the pipeline gave up")
+        return {}
 
 
 def _alert(subject: str, run: Run, state: str, detail: str) -> dict:

@@ -8,6 +8,8 @@ times, never an object key.
   covered_before     changes that happened before this were visible to a run already claimed (late duplicates)
   run                the active run: run_id, gen, claimed_at, first_change_at, attempt, [job_id, started_at]
   failures           consecutive failed runs; retry_at: not before; given_up_gen: no automatic run until gen moves
+  given_up_on        what the run that gave up had: artifacts (ARTIFACTS_VERSION) and inputs (the images/ digest's
+                     SHA-256, when it could be listed); the daily pass restarts it only if either has changed
   last_run           outcome of the last settled run, for people and alerts
   alert              an alert not yet sent (outbox: sent, then removed), so a failed publish is never lost
 """
@@ -53,6 +55,7 @@ class State:
     failures: int = 0
     retry_at: float = 0.0
     given_up_gen: int = -1
+    given_up_on: Optional[dict] = None
     last_run: Optional[dict] = None
     alert: Optional[dict] = None
 
@@ -126,6 +129,7 @@ class PipelineState:
             failures=int(_num(item, "failures", 0)),
             retry_at=_num(item, "retry_at", 0.0),
             given_up_gen=int(_num(item, "given_up_gen", -1)),
+            given_up_on=_plain(item["given_up_on"]) if "given_up_on" in item else None,
             last_run=_plain(item["last_run"]) if "last_run" in item else None,
             alert=_plain(item["alert"]) if "alert" in item else None,
         )
@@ -200,13 +204,15 @@ class PipelineState:
         )
 
     def settle(self, seen: State, succeeded: bool, outcome: dict, alert: Optional[dict], retry_base_s: int,
-               max_attempts: int) -> None:  # fmt: skip
-        """End the active run, once: the condition on its run_id makes a retried invocation a Conflict."""
+               max_attempts: int, given_up_on: Optional[dict] = None) -> None:  # fmt: skip
+        """End the active run, once: the condition on its run_id makes a retried invocation a Conflict.
+        given_up_on: what the run had (digests only), kept if this failure gives up."""
         run, now = seen.run, self.clock()
         values = {":id": _s(run.run_id), ":last": _strings({**outcome, "ended_at": int(now)})}
         if succeeded:
             expression = (
-                "SET processed_gen = :gen, failures = :zero, last_run = :last REMOVE #run, retry_at, given_up_gen"
+                "SET processed_gen = :gen, failures = :zero, last_run = :last "
+                "REMOVE #run, retry_at, given_up_gen, given_up_on"
             )
             values.update({":gen": _n(run.gen), ":zero": _n(0)})
         else:
@@ -218,8 +224,8 @@ class PipelineState:
                 ":first": _n(run.first_change_at),  # its changes are unprocessed again, from when they began
             })  # fmt: skip
             if failures >= max_attempts:
-                expression += ", given_up_gen = :gen"
-                values[":gen"] = _n(seen.gen)
+                expression += ", given_up_gen = :gen, given_up_on = :on"
+                values.update({":gen": _n(seen.gen), ":on": _strings(given_up_on or {})})
             expression += " REMOVE #run"
         if alert:
             expression = expression.replace(" REMOVE", ", alert = :alert REMOVE", 1)

@@ -6,6 +6,7 @@ import boto3
 from botocore.config import Config
 
 from pipeline.control import Pipeline
+from pipeline.inputs import s3_client
 from pipeline.launchers import make_launcher
 from pipeline.settings import Settings
 from pipeline.state import PipelineState
@@ -23,4 +24,5 @@ def build_pipeline(settings: Settings) -> Pipeline:
         launcher=make_launcher(settings, emr_serverless=engine_client, emr=engine_client),
         sqs=client("sqs"),
         sns=client("sns"),
+        s3=s3_client(CLIENT_CONFIG),  # the daily pass lists images/ and reads report.json
     )

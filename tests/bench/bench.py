@@ -8,6 +8,9 @@
               (peak RSS should not grow with N)
   pca         emr_job.pca against pyspark.ml.feature.PCA on the same 20,000 x 1280 features, k=100
   trigger     the trigger on 10 and on 10,000 records after a million changes (moto): AWS calls, time
+  daily       the daily pass's digest of 100,000 objects under images/ (a moto server in its own process, so the
+              figures are the function's own): wall time, ListObjectsV2 calls, peak memory (tracemalloc), CPU,
+              botocore's parse time per page, and the cost per day in USD
   reconcile   planning on STORED synthetic feature rows with 1% changed (wall, peak RSS), bytes rewritten
   query       `python -m emr_job.query` on 100,000 stored images (k=50): wall time of the command, and its
               parts (reading the results, the model on the photos, the nearest-neighbour search)
@@ -315,6 +318,110 @@ def trigger_benchmark(records: int = 10000) -> dict:
     }
 
 
+# --- daily pass ----------------------------------------------------------------------------------------
+# The moto server lives in its own process: the function's memory and CPU are measured apart from the fake S3's.
+# It fills its backend directly (100,000 PUT requests would take minutes), then serves until stdin closes.
+DAILY_SERVER = """
+import sys
+import boto3
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.s3.models import s3_backends
+from moto.server import ThreadedMotoServer
+port, bucket, n, labels = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+server.start()
+boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(
+    Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
+backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+for i in range(n):
+    backend.put_object(bucket, f"images/label{i % labels:03d}/{i:07d}.jpg", b"x" * (1 + i % 997))
+print("ready", flush=True)
+sys.stdin.read()
+server.stop()
+"""
+S3_LIST_USD_PER_1000 = 0.005  # S3 Standard LIST requests, https://aws.amazon.com/s3/pricing/
+S3_GET_USD_PER_1000 = 0.0004  # S3 Standard GET requests (report.json), same page
+LAMBDA_USD_PER_GB_S = 0.0000133334  # arm64 duration, https://aws.amazon.com/lambda/pricing/
+LAMBDA_USD_PER_REQUEST = 0.20 / 1_000_000  # same page
+LAMBDA_GB = 0.5  # template.yaml: MemorySize 512
+LAMBDA_VCPU = 512 / 1769  # a function gets one vCPU at 1,769 MB, in proportion below (Lambda's memory settings docs)
+
+
+def daily_benchmark(objects: int = 100_000, labels: int = 100) -> dict:
+    """The daily pass's listing and digest of images/ as the job-state function runs it (its S3 client, threads,
+    digest), against a moto server holding `objects` image keys in `labels` folders."""
+    import tracemalloc
+
+    import requests
+    from botocore import parsers
+    from pipeline import inputs
+    from pipeline.inputs import current_inputs, s3_client
+    from pipeline.wiring import CLIENT_CONFIG
+
+    from tests.conftest import free_port
+
+    port, bucket = free_port(), "photos-eu"
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="eu-west-3")
+    server = subprocess.Popen([sys.executable, "-c", DAILY_SERVER, str(port), bucket, str(objects), str(labels)],
+                              cwd=ROOT, env={**ENV, **os.environ}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        inputs.LIST_BUDGET_S = 3600  # moto serves one request at a time: slower than S3 and the function's budget
+        s3 = s3_client(CLIENT_CONFIG)
+        lists = []
+        s3.meta.events.register("before-call.s3.ListObjectsV2", lambda **kwargs: lists.append(1))
+        tracemalloc.start()
+        start = time.perf_counter()
+        digest = current_inputs(s3, bucket, "images/")
+        wall, calls = time.perf_counter() - start, len(lists)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert digest["images"] == objects, digest
+        # CPU without tracemalloc (which triples it), on the first tenth of the folders: it grows with the objects
+        cpu = time.process_time()
+        tenth = current_inputs(s3, bucket, "images/label00")
+        cpu = (time.process_time() - cpu) * objects / tenth["images"]
+
+        # botocore's parse of one 1,000-key page: its default date parsing, and LastModified left as text
+        body = requests.get(f"{endpoint}/{bucket}?list-type=2&prefix=images/label000/", timeout=60).content
+        shape = s3.meta.service_model.operation_model("ListObjectsV2").output_shape
+        parse_ms = {}
+        for name, options in (("default", {}), ("text_timestamps", {"timestamp_parser": str})):
+            parser = parsers.RestXMLParser(**options)
+            begin = time.perf_counter()
+            for _ in range(5):
+                parser.parse({"body": body, "headers": {}, "status_code": 200}, shape)
+            parse_ms[name] = round((time.perf_counter() - begin) / 5 * 1000, 1)
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+
+    # CPU-bound on Lambda: S3 answers the ten listing threads at once (moto here serves them one at a time, so the
+    # wall time above is moto's), and the function runs at its share of a vCPU (of this machine's speed).
+    lambda_s = cpu / LAMBDA_VCPU
+    s3_usd = calls / 1000 * S3_LIST_USD_PER_1000 + S3_GET_USD_PER_1000 / 1000
+    lambda_usd = lambda_s * LAMBDA_GB * LAMBDA_USD_PER_GB_S + LAMBDA_USD_PER_REQUEST
+    return {
+        "objects": objects,
+        "label_folders": labels,
+        "digest_wall_s": round(wall, 2),
+        "digest_cpu_s": round(cpu, 2),  # from a tenth, without tracemalloc
+        "list_objects_v2_calls": calls,
+        "peak_traced_mb": round(peak / 2**20, 1),
+        "parse_ms_per_1000_key_page": parse_ms,
+        "lambda_s_estimate": round(lambda_s, 1),
+        "usd_per_day": {
+            "s3_requests": round(s3_usd, 6),
+            "lambda": round(lambda_usd, 6),
+            "total": round(s3_usd + lambda_usd, 6),
+        },
+    }
+
+
 # --- reconciliation at scale ---------------------------------------------------------------------------
 def scale_benchmark(work: Path, n: int) -> dict:
     """Planning on n stored images with 1% changed (fresh process: its own peak RSS), and bytes rewritten."""
@@ -490,7 +597,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench-out"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--stored", type=int, default=1_000_000, help="stored images for the planning section")
-    parser.add_argument("--only", choices=["job", "pca", "trigger", "reconcile", "query"], help="run one section")
+    parser.add_argument("--only", choices=["job", "pca", "trigger", "daily", "reconcile", "query"],
+                        help="run one section")  # fmt: skip
     parser.add_argument("--no-predict-batch-udf", dest="predict_batch_udf", action="store_false",
                         help="skip Spark's predict_batch_udf (the slowest part)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -507,6 +615,14 @@ def main(argv=None) -> int:
     if args.only in (None, "trigger"):
         log("trigger: one batch of 10 records, and of 10,000 after a million changes")
         result["trigger"] = trigger_benchmark()
+    if args.only in (None, "daily"):
+        log("daily: the digest of 100,000 objects under images/")
+        result["daily"] = daily_benchmark()
+        d = result["daily"]
+        log(f"daily: {d['digest_wall_s']} s wall in moto, {d['digest_cpu_s']} s CPU (about {d['lambda_s_estimate']} s"
+            f" at 512 MB), {d['list_objects_v2_calls']} LIST calls, {d['peak_traced_mb']} MB peak; about"
+            f" ${d['usd_per_day']['total']:.5f} a day (S3 ${d['usd_per_day']['s3_requests']:.5f},"
+            f" Lambda ${d['usd_per_day']['lambda']:.5f})")  # fmt: skip
     if args.only in (None, "reconcile"):
         log(f"reconciliation at scale: {args.stored} stored images, 1% changed")
         result["reconcile"] = scale_benchmark(work, args.stored)

@@ -23,7 +23,7 @@ def aws(monkeypatch):
 
 def load(module: str):
     """Import a handler module as a cold start would, under the current environment and mocks."""
-    for name in [m for m in sys.modules if m.split(".")[0] in ("trigger", "job_state", "pipeline")]:
+    for name in [m for m in sys.modules if m.split(".")[0] in ("trigger", "job_state", "artifacts", "pipeline")]:
         del sys.modules[name]
     return importlib.import_module(module)
 

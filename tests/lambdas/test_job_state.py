@@ -1,20 +1,24 @@
 """Job-state function against moto: settling once, retries with backoff, alerts, the schedule's repairs, EC2."""
 
 import json
+import sys
 import time
 
 import pytest
 from botocore.exceptions import ClientError
 
 from tests.lambdas.conftest import (
+    BUCKET,
     Clock,
     job_runs,
     load,
+    metrics_out,
     s3_record,
     serverless_state,
     set_job_state,
     sqs_event,
     state_item,
+    tune,
 )
 
 
@@ -84,12 +88,12 @@ def test_failures_count_once_back_off_then_give_up_with_an_alert(aws, trigger, j
 
     # Then it gives up and says so: no more automatic runs, however long we wait
     [alert] = alerts(aws)
-    assert "no more automatic runs until a new change or the daily reconciliation" in alert["detail"]
+    assert "no more automatic runs until a new upload, or new images or artifacts seen daily" in alert["detail"]
     clock.advance(86400)
     assert job_state.lambda_handler({"action": "reconcile"}, lambda_context)["next"] == "given-up"
     assert len(job_runs(aws)) == 2
 
-    # Until a new change (or the daily reconciliation) gives it one more attempt
+    # Until a new upload gives it one more attempt (a daily pass does when images or artifacts changed: below)
     upload(trigger, clock, lambda_context, "images/A/fixed.jpg")
     assert len(job_runs(aws)) == 3
 
@@ -175,11 +179,216 @@ def test_a_refused_start_is_a_failed_attempt_with_an_alert(aws, trigger, clock, 
     assert "AccessDeniedException" in alert["detail"]
 
 
-def test_the_daily_reconciliation_starts_a_run_without_any_event(aws, job_state, clock, lambda_context):
-    # Images that changed without an event (lifecycle expiry, lost notification, older than the stack)
-    assert job_state.lambda_handler({"action": "reconcile"}, lambda_context)["next"] == "clean"
-    assert job_state.lambda_handler({"action": "daily"}, lambda_context)["next"] == "started"
+# --- the daily pass: a run only when images/ differs from what the published run listed ---------------------
+def put_image(aws, key: str = "images/A/1.jpg", body: bytes = b"\xff\xd8 a photo") -> None:
+    aws.s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+
+
+def publish(aws, **maintenance) -> dict:
+    """What a successful run leaves: report.json with the digest of the listing it planned from, computed by the
+    job's own function (emr_job/inputs.py) over what the bucket holds now."""
+    from emr_job.inputs import inputs_digest
+
+    pages = aws.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="images/")
+    listed = [(o["Key"], o["ETag"], o["Size"]) for page in pages for o in page.get("Contents", [])]
+    report = {"run_id": "20261125T000000Z-0000beef", "inputs": inputs_digest(listed), "maintenance": maintenance}
+    aws.s3.put_object(Bucket=BUCKET, Key="results/report.json", Body=json.dumps(report).encode())
+    return report
+
+
+def daily(job_state, lambda_context) -> dict:
+    return job_state.lambda_handler({"action": "daily"}, lambda_context)
+
+
+def test_the_daily_pass_starts_nothing_when_images_are_unchanged(aws, job_state, clock, lambda_context, capsys):
+    # Given images that a published run listed
+    put_image(aws)
+    put_image(aws, "images/B/2.png")
+    publish(aws)
+
+    # When the daily pass comes round, twice
+    first, second = daily(job_state, lambda_context), daily(job_state, lambda_context)
+
+    # Then no run starts, the state is left clean, and the pass is counted
+    assert first == second == {"daily": "unchanged", "next": "clean"}
+    assert job_runs(aws) == [] and "gen" not in state_item(aws)
+    assert metrics_out(capsys.readouterr().out)["DailyUnchanged"] == 2
+
+
+@pytest.mark.parametrize("change", ["added", "changed", "deleted", "expired at the top level"])
+def test_the_daily_pass_starts_a_run_for_images_that_changed_without_any_event(aws, job_state, clock,
+                                                                               lambda_context, change):  # fmt: skip
+    # Given images that a published run listed, one of them directly under images/
+    put_image(aws)
+    put_image(aws, "images/top.JPG")
+    publish(aws)
+
+    # When images/ changes and S3 says nothing (lifecycle expiry, a lost notification)
+    if change == "added":
+        put_image(aws, "images/A/new.webp")
+    elif change == "changed":
+        put_image(aws, body=b"\xff\xd8 another photo")
+    elif change == "deleted":
+        aws.s3.delete_object(Bucket=BUCKET, Key="images/A/1.jpg")
+    else:
+        aws.s3.delete_object(Bucket=BUCKET, Key="images/top.JPG")
+    result = daily(job_state, lambda_context)
+
+    # Then the daily pass starts one run
+    assert result == {"daily": "images changed", "next": "started"}
     assert len(job_runs(aws)) == 1
+
+
+def test_files_that_are_not_images_never_start_a_daily_run(aws, job_state, clock, lambda_context):
+    # Given images that a published run listed
+    put_image(aws)
+    publish(aws)
+
+    # When files the job ignores appear: a note, a folder marker, an image outside images/, a '.jpg' folder
+    put_image(aws, "images/A/notes.txt")
+    put_image(aws, "images/B/", b"")
+    put_image(aws, "elsewhere/3.jpg")
+    put_image(aws, "images/C.jpg/", b"")
+
+    # Then nothing starts: a run would publish nothing, and would start again every day
+    assert daily(job_state, lambda_context) == {"daily": "unchanged", "next": "clean"}
+    assert job_runs(aws) == []
+
+
+def test_the_first_daily_pass_starts_a_run_for_images_older_than_the_stack(aws, job_state, clock, lambda_context):
+    # Given no results yet and an empty images/: nothing to do
+    assert daily(job_state, lambda_context) == {"daily": "unchanged", "next": "clean"}
+
+    # When images are there without any event (older than the stack, or their notifications lost)
+    put_image(aws)
+
+    # Then the daily pass starts a run
+    assert daily(job_state, lambda_context) == {"daily": "no results yet", "next": "started"}
+    assert len(job_runs(aws)) == 1
+
+
+def test_the_next_daily_pass_compares_with_what_the_last_run_published(aws, job_state, clock, lambda_context):
+    # Given a daily pass that started a run for an image added without an event
+    put_image(aws)
+    publish(aws)
+    put_image(aws, "images/A/new.jpg")
+    assert daily(job_state, lambda_context)["next"] == "started"
+
+    # When the run publishes and settles
+    publish(aws)
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "SUCCESS"), lambda_context)
+
+    # Then the next daily pass starts nothing
+    assert daily(job_state, lambda_context) == {"daily": "unchanged", "next": "clean"}
+    assert len(job_runs(aws)) == 1
+
+
+def test_the_daily_pass_runs_until_erased_rows_are_compacted(aws, job_state, clock, lambda_context):
+    # Given a published run that masked an erased image's rows, which compaction removes from the files later
+    put_image(aws)
+    publish(aws, oldest_uncompacted_delete="2026-11-25T10:00:00+00:00")
+
+    # When the daily pass comes round with images/ unchanged, then a run starts all the same (the erasure bound)
+    assert daily(job_state, lambda_context) == {"daily": "erased rows to compact", "next": "started"}
+
+
+def test_a_report_from_an_older_job_starts_one_run_that_records_the_digest(aws, job_state, clock, lambda_context):
+    put_image(aws)
+    aws.s3.put_object(Bucket=BUCKET, Key="results/report.json", Body=b'{"run_id": "old", "maintenance": {}}')
+    assert daily(job_state, lambda_context)["next"] == "started"  # the job stamps it (tests/job/test_inputs_digest.py)
+
+
+@pytest.mark.parametrize("failure", ["denied", "too slow"])
+def test_the_daily_pass_reconciles_when_images_cannot_be_listed(aws, job_state, lambda_context, failure):
+    # Given a listing that fails: a permission missing, or too many images to list within the function's timeout
+    put_image(aws)
+    publish(aws)
+
+    def denied(**kwargs):
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "ListObjectsV2")
+
+    if failure == "denied":
+        aws.monkeypatch.setattr(job_state.PIPELINE.s3, "list_objects_v2", denied)
+    else:
+        aws.monkeypatch.setattr(sys.modules["pipeline.inputs"], "LIST_BUDGET_S", -1)
+
+    # Then the daily pass runs the job as it always did: a doubt costs a run, never a missed change
+    assert daily(job_state, lambda_context) == {"daily": "inputs unreadable", "next": "started"}
+
+
+def test_a_daily_pass_during_a_run_marks_as_before(aws, trigger, job_state, clock, lambda_context):
+    # Given a run active for an upload (its listing may predate a later change S3 does not announce)
+    put_image(aws)
+    upload(trigger, clock, lambda_context)
+    job = active_job(aws)
+
+    # When the daily pass comes while it runs, and the run then succeeds
+    assert daily(job_state, lambda_context) == {"daily": "run active or due", "next": "active"}
+    result = job_state.lambda_handler(serverless_state(job, aws.app_id, "SUCCESS"), lambda_context)
+
+    # Then one more run follows, which lists images/ after the daily pass
+    assert result["next"] == "started" and len(job_runs(aws)) == 2
+
+
+# --- a given-up pipeline: restarted daily only if the images or the deployed artifacts changed ------------
+def give_up(aws, trigger, job_state, clock, lambda_context) -> None:
+    """Two failed attempts (MAX_ATTEMPTS=2) of a run for images/A/1.jpg."""
+    put_image(aws)
+    upload(trigger, clock, lambda_context)
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+    clock.advance(301)
+    job_state.lambda_handler({"action": "reconcile"}, lambda_context)
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+    assert job_state.lambda_handler({"action": "reconcile"}, lambda_context)["next"] == "given-up"
+    clock.advance(86400)
+
+
+def test_a_given_up_pipeline_records_digests_and_is_not_restarted_daily_for_nothing(aws, trigger, job_state, clock,
+                                                                                    lambda_context):  # fmt: skip
+    # Given a pipeline that gave up
+    give_up(aws, trigger, job_state, clock, lambda_context)
+
+    # Then the state item holds what the failed run had: the artifacts version and a digest, never a key
+    item = state_item(aws)
+    on = item["given_up_on"]["M"]
+    assert on["artifacts"]["S"] == "0123456789abcdef" and len(on["inputs"]["S"]) == 64
+    assert "images/" not in json.dumps(item)
+
+    # When the daily pass comes round with nothing changed, day after day
+    results = [daily(job_state, lambda_context) for _ in range(3)]
+
+    # Then no run starts
+    assert results == [{"daily": "unchanged", "next": "given-up"}] * 3
+    assert len(job_runs(aws)) == 2
+
+
+def test_a_given_up_pipeline_is_restarted_daily_when_new_artifacts_are_deployed(aws, trigger, job_state, clock,
+                                                                                lambda_context):  # fmt: skip
+    give_up(aws, trigger, job_state, clock, lambda_context)
+
+    # When a deployment brings another job (ARTIFACTS_VERSION changes) and the daily pass comes round
+    tune(aws, job_state, artifacts_version="fedcba9876543210")
+
+    # Then one more attempt starts
+    assert daily(job_state, lambda_context) == {"daily": "given up; new artifacts deployed", "next": "started"}
+    assert len(job_runs(aws)) == 3
+
+
+@pytest.mark.parametrize("change", ["added", "deleted"])
+def test_a_given_up_pipeline_is_restarted_daily_when_images_changed(aws, trigger, job_state, clock, lambda_context,
+                                                                    change):  # fmt: skip
+    give_up(aws, trigger, job_state, clock, lambda_context)
+
+    # When images/ changes without an event (the broken image expires, say) and the daily pass comes round
+    if change == "added":
+        put_image(aws, "images/A/2.jpg")
+    else:
+        aws.s3.delete_object(Bucket=BUCKET, Key="images/A/1.jpg")
+
+    # Then one more attempt starts; and a success clears what the give-up recorded
+    assert daily(job_state, lambda_context) == {"daily": "given up; images changed", "next": "started"}
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "SUCCESS"), lambda_context)
+    assert "given_up_on" not in state_item(aws) and "given_up_gen" not in state_item(aws)
 
 
 @pytest.fixture
@@ -206,8 +415,10 @@ def test_ec2_engine_runs_a_transient_cluster_with_one_step_under_a_timeout(aws, 
     assert args[:5] == ["timeout", "180m", "spark-submit", "--deploy-mode", "cluster"]
     assert step["Name"] == cluster["Name"] and cluster["Name"].startswith("image-features-run-")
     assert "--manifest" not in args and args[args.index("--input") + 1] == "s3://photos-eu/images/"
-    [bootstrap] = aws.emr.list_bootstrap_actions(ClusterId=cluster["Id"])["BootstrapActions"]
-    assert bootstrap["ScriptPath"] == "s3://photos-eu/artifacts/job/bootstrap.sh"
+    # Nothing installed at boot: the step brings the stack's runtime archive (tests/test_rollout.py runs it)
+    assert aws.emr.list_bootstrap_actions(ClusterId=cluster["Id"])["BootstrapActions"] == []
+    assert args[args.index("--archives") + 1] == aws.env["RUNTIME_ARCHIVE_URI"] + "#environment"
+    assert "spark.yarn.appMasterEnv.PYSPARK_PYTHON=./environment/bin/python" in args
     groups = {
         g["InstanceGroupType"]: g for g in aws.emr.list_instance_groups(ClusterId=cluster["Id"])["InstanceGroups"]
     }

@@ -37,6 +37,7 @@ VALUES = stack_values(
      "EmrRuntimeRole": "emr-runtime", "EmrServiceRole": "emr-service", "EmrInstanceRole": "emr-instance",
      "JobStateDeadLetterQueue": "job-state-dlq"},
 )  # fmt: skip
+VALUES["ModelWeights"] = "s3://deployer-bucket/uploads/mobilenet_v2.weights.h5"  # WeightsFromS3: its statement too
 
 
 @pytest.mark.parametrize("conditions", [{**e, **m} for e in ENGINES for m in MODES],

@@ -144,11 +144,12 @@ def test_trust_policies_name_the_account_and_source_where_the_service_sends_them
 def test_the_first_cluster_of_an_account_may_create_only_emrs_cleanup_role():
     statements = identity_statements({"UseKms": True, **ENGINES[1]})["TriggerFunction"]
     [slr] = [st for st in statements if "iam:CreateServiceLinkedRole" in as_list(st["Action"])]
-    assert arn_text(slr["Resource"]).endswith(
-        "/aws-service-role/elasticmapreduce.amazonaws.com*/AWSServiceRoleForEMRCleanup*"
-    )
+    role = "/aws-service-role/elasticmapreduce.amazonaws.com*/AWSServiceRoleForEMRCleanup*"
+    assert arn_text(slr["Resource"]).endswith(role)
     emr = ["elasticmapreduce.amazonaws.com", "elasticmapreduce.amazonaws.com.cn"]
     assert slr["Condition"] == {"StringLike": {"iam:AWSServiceName": emr}}
+    [policy] = [st for st in statements if "iam:PutRolePolicy" in as_list(st["Action"])]
+    assert as_list(policy["Action"]) == ["iam:PutRolePolicy"] and arn_text(policy["Resource"]).endswith(role)
     serverless = identity_statements({"UseKms": True, **ENGINES[0]})["TriggerFunction"]
     assert not [st for st in serverless if "iam:CreateServiceLinkedRole" in as_list(st["Action"])]
 
@@ -298,8 +299,9 @@ def test_cloudwatch_alarms_can_publish_to_the_alert_topic(kms):
 
 
 # The AWS calls each function's code makes (boto3 and Powertools), per engine.
+# (s3:ListBucket: the digest of images/, lambdas/pipeline/inputs.py)
 COMMON = {"dynamodb:GetItem", "dynamodb:UpdateItem", "kms:Decrypt", "kms:GenerateDataKey", "iam:PassRole",
-          "sns:Publish"}  # fmt: skip
+          "sns:Publish", "s3:ListBucket"}  # fmt: skip
 START = {
     "serverless": {"emr-serverless:StartJobRun", "emr-serverless:TagResource", "emr-serverless:GetJobRun",
                    "emr-serverless:ListJobRuns"},
@@ -318,7 +320,7 @@ def test_each_function_holds_only_the_actions_it_calls(engine):
         f: {a for s in statements[f] for a in as_list(s["Action"])} for f in ("TriggerFunction", "JobStateFunction")
     }
     assert granted["TriggerFunction"] == COMMON | START[engine] | {"sqs:SendMessage"}  # ticks, dead letters
-    assert granted["JobStateFunction"] == COMMON | START[engine]
+    assert granted["JobStateFunction"] == COMMON | START[engine] | {"s3:GetObject"}  # the published report
 
 
 # --- wiring ------------------------------------------------------------------------------------------
