@@ -422,7 +422,8 @@ class _ReplaceFiles(_SnapshotProducer):
                 continue
             writer_class = ManifestWriterV2 if data else _DeleteManifestWriter
             spec = self._transaction.table_metadata.spec()
-            writer = writer_class(spec, self._transaction.table_metadata.schema(), self.new_manifest_output(), self._snapshot_id, self._compression)
+            schema = self._transaction.table_metadata.schema()
+            writer = writer_class(spec, schema, self.new_manifest_output(), self._snapshot_id, self._compression)
             with writer:
                 for entry in old:
                     writer.existing(entry)

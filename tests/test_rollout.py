@@ -217,3 +217,34 @@ def test_an_ec2_step_runs_the_shipped_runtime_as_yarn_does(sam_build, moto_serve
     body = s3.get_object(Bucket=BUCKET, Key="results/report.json")["Body"].read()
     rpt = json.loads(body)
     assert rpt["images_ok"] == 4 and rpt["engine"] == "onnxruntime 1.19.2"
+
+
+def newest_python() -> str:
+    import glob
+
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[3-9].*/bin/python3.1[3-9]")))
+    return found[-1] if found else shutil.which("python3.14") or shutil.which("python3.13")
+
+
+def test_the_built_functions_run_on_the_newest_python_here_with_only_their_folder(sam_build):
+    """Lambda runs them on python3.14 (no such interpreter can be installed here): the folder `sam build` made
+    is imported and invoked by the newest one available, isolated from any site-packages."""
+    python = newest_python()
+    if not python:
+        pytest.skip("no Python 3.13+ on this machine")
+    event = {"Records": [{"messageId": "m1", "receiptHandle": "r", "eventSource": "aws:sqs", "body": json.dumps(
+        {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "photos-eu"})}]}  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "AWS_DEFAULT_REGION": "eu-west-3", "AWS_ACCESS_KEY_ID": "x",
+           "POWERTOOLS_SERVICE_NAME": "image-features", "POWERTOOLS_METRICS_NAMESPACE": "ImageFeatures",
+           "AWS_SECRET_ACCESS_KEY": "x", "POWERTOOLS_TRACE_DISABLED": "true", "BUCKET": "photos-eu",
+           "TABLE_NAME": "runs", "QUIET_SECONDS": "0", "EMR_APPLICATION_ID": "app", "EMR_RUNTIME_ROLE_ARN": "role",
+           "ARTIFACTS_VERSION": "v", "JOB_ENTRY_URI": "s3://b/k/main.py", "JOB_ARCHIVE_URI": "s3://b/k/emr_job.zip",
+           "RUNTIME_ARCHIVE_URI": "s3://b/k/runtime.tar.gz", "WEIGHTS_URI": "s3://b/k/w.h5"}  # fmt: skip
+    code = ("import json, sys, types; sys.path.insert(0, '.'); import trigger.app as app, job_state.app, "
+            "artifacts.app; ctx = types.SimpleNamespace(function_name='f', memory_limit_in_mb=512, "
+            "invoked_function_arn='arn:aws:lambda:eu-west-3:1:function:f', aws_request_id='r'); "
+            "print(json.dumps(app.lambda_handler(json.loads(sys.argv[1]), ctx)))")  # fmt: skip
+    proc = subprocess.run([python, "-I", "-c", code, json.dumps(event)], cwd=sam_build / "TriggerFunction", env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == '{"batchItemFailures": []}'  # the test event is ignored

@@ -23,11 +23,13 @@ REFUSED = {"ValidationException", "AccessDeniedException", "ResourceNotFoundExce
 # Nothing is installed from an index at run time, so private subnets without internet work.
 RUNTIME_ALIAS = "environment"
 RUNTIME_PYTHON = f"./{RUNTIME_ALIAS}/bin/python"
-# EMR Serverless: the driver's environment goes through spark.emr-serverless.driverEnv (EMR Serverless user guide,
-# using-python-libraries); executors take spark.executorEnv.
+# EMR Serverless: the driver's environment goes through spark.emr-serverless.driverEnv (aws-samples/
+# emr-serverless-samples). For executors AWS's samples write spark.emr-serverless.executorEnv and others Spark's
+# own spark.executorEnv: both are given, for the same value.
 SERVERLESS_PYTHON = (
     f"spark.emr-serverless.driverEnv.PYSPARK_DRIVER_PYTHON={RUNTIME_PYTHON}",
     f"spark.emr-serverless.driverEnv.PYSPARK_PYTHON={RUNTIME_PYTHON}",
+    f"spark.emr-serverless.executorEnv.PYSPARK_PYTHON={RUNTIME_PYTHON}",
     f"spark.executorEnv.PYSPARK_PYTHON={RUNTIME_PYTHON}",
 )
 # YARN cluster mode (EMR on EC2): the driver runs in the application master's container (Spark's Python package
