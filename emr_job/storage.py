@@ -12,7 +12,6 @@ import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
-from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,8 +32,12 @@ def is_s3(uri: str) -> bool:
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    return parsed.netloc, parsed.path.lstrip("/")
+    """s3://bucket/key -> (bucket, key), the key taken whole: S3 keys may hold '#', '?', '%' or spaces, which URL
+    parsing would cut off or decode (an image then read as missing, and dropped)."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    return bucket, key
 
 
 def join(root: str, *parts: str) -> str:

@@ -3,6 +3,8 @@ runs, and their EventBridge state events -> outcome."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shlex
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -50,6 +52,28 @@ def runtime_options(s: Settings, yarn: bool) -> list:
         + ["--py-files", s.job_archive_uri]
         + [word for conf in confs for word in ("--conf", conf)]
     )
+
+
+# EMR's own texts, which hold no object key: kept as they are. Anything else a job's end reports (its last
+# exception, a step's failure reason) may quote a key, and is never copied into the state item, logs or alerts.
+EMR_TEXTS = [
+    re.compile(r"Job failed, please check complete logs in configured logging destination\. ExitCode: -?\d+\."),
+    re.compile(r"Job run timed out\.?"),
+    re.compile(r"Job run (was )?cancelled( by user)?\.?", re.I),
+]
+ERROR_NAME = re.compile(r"\b[A-Z][A-Za-z0-9]*(?:Error|Exception|Exit|Timeout)\b")
+
+
+def safe_detail(text: str) -> str:
+    """A job's end message fit to keep: EMR's own texts whole; otherwise only the error names in it, its length and
+    a hash, and where the whole text is (the run's logs, which expire with LogsRetentionDays)."""
+    text = (text or "").strip()
+    if not text or any(p.fullmatch(text) for p in EMR_TEXTS):
+        return text
+    names = ", ".join(dict.fromkeys(ERROR_NAME.findall(text))) or "none"
+    sha = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return (f"EMR's message withheld, it may quote an object key ({len(text)} chars, sha256 {sha}; errors named: "
+            f"{names}); its text is in the run's logs under logs/")  # fmt: skip
 
 
 class StartRefused(RuntimeError):
@@ -146,7 +170,7 @@ class ServerlessLauncher:
         state = run["state"]
         if state not in self.TERMINAL:
             return None
-        return JobOutcome(self.engine, job_id, self.TERMINAL[state], state, run.get("stateDetails", ""))
+        return JobOutcome(self.engine, job_id, self.TERMINAL[state], state, safe_detail(run.get("stateDetails", "")))
 
 
 class Ec2Launcher:
@@ -222,11 +246,11 @@ class Ec2Launcher:
             state = step["Status"]["State"]
             if state in self.STEP_TERMINAL:
                 reason = step["Status"].get("FailureDetails", {}).get("Reason", "")
-                return JobOutcome(self.engine, job_id, self.STEP_TERMINAL[state], state, reason)
+                return JobOutcome(self.engine, job_id, self.STEP_TERMINAL[state], state, safe_detail(reason))
         cluster = self.client.describe_cluster(ClusterId=job_id)["Cluster"]["Status"]
         if cluster["State"].startswith("TERMINATED"):
-            return JobOutcome(self.engine, job_id, False, cluster["State"], cluster.get("StateChangeReason", {})
-                              .get("Message", ""))  # fmt: skip
+            return JobOutcome(self.engine, job_id, False, cluster["State"],
+                              safe_detail(cluster.get("StateChangeReason", {}).get("Message", "")))  # fmt: skip
         return None
 
 
@@ -244,11 +268,11 @@ def parse_state_event(event: dict) -> Optional[JobOutcome]:
     state = detail.get("state", "")
     if detail_type == "EMR Serverless Job Run State Change" and state in ServerlessLauncher.TERMINAL:
         return JobOutcome("serverless", detail["jobRunId"], ServerlessLauncher.TERMINAL[state], state,
-                          detail.get("stateDetails", ""))  # fmt: skip
+                          safe_detail(detail.get("stateDetails", "")))  # fmt: skip
     if detail_type == "EMR Step Status Change" and state in Ec2Launcher.STEP_TERMINAL:
         return JobOutcome("ec2", detail["clusterId"], Ec2Launcher.STEP_TERMINAL[state], state,
-                          detail.get("message", ""))  # fmt: skip
+                          safe_detail(detail.get("message", "")))  # fmt: skip
     if detail_type == "EMR Cluster State Change" and state == "TERMINATED_WITH_ERRORS":
         # The cluster died without a step event (bootstrap failure, capacity): the run failed.
-        return JobOutcome("ec2", detail["clusterId"], False, state, detail.get("stateChangeReason", ""))
+        return JobOutcome("ec2", detail["clusterId"], False, state, safe_detail(detail.get("stateChangeReason", "")))
     return None

@@ -61,6 +61,29 @@ def test_a_running_state_is_not_an_end(aws, trigger, job_state, clock, lambda_co
     assert active_job(aws) == job
 
 
+def test_an_emr_message_quoting_a_key_is_kept_nowhere(aws, trigger, job_state, clock, lambda_context, capsys):
+    # Given a run whose job died on an exception that names an image (EMR copies it into stateDetails)
+    upload(trigger, clock, lambda_context)
+    failed = serverless_state(active_job(aws), aws.app_id, "FAILED")
+    key = "images/Kiwi/Zoë Dupont+copy 1.jpg"
+    failed["detail"]["stateDetails"] = f"Job failed: PermissionError: [Errno 13] Permission denied: '{key}'"
+
+    # When the failure is settled
+    job_state.lambda_handler(failed, lambda_context)
+
+    # Then the state item, the logs and the alert name the error, never the key nor a part of it
+    [alert] = alerts(aws)
+    kept = json.dumps(state_item(aws)) + json.dumps(alert) + capsys.readouterr().out
+    assert "PermissionError" in alert["detail"] and "withheld" in alert["detail"]
+    for part in ("Zoë", "Dupont", "copy 1", "Kiwi"):
+        assert part not in kept and part.encode("unicode_escape").decode() not in kept
+    # ... while EMR's own texts stay whole
+    from pipeline.launchers import safe_detail
+
+    exit_text = "Job failed, please check complete logs in configured logging destination. ExitCode: 1."
+    assert safe_detail(exit_text) == exit_text and safe_detail("Job run timed out.") == "Job run timed out."
+
+
 def test_failures_count_once_back_off_then_give_up_with_an_alert(aws, trigger, job_state, clock, lambda_context):
     # Given a run that fails (MAX_ATTEMPTS=2, RETRY_BASE_SECONDS=300)
     upload(trigger, clock, lambda_context)
