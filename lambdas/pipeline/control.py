@@ -95,6 +95,10 @@ def reconcile(p: Pipeline) -> dict:
     state = p.state.read()
     flush_alert(p, state)
     run, now = state.run, p.state.clock()
+    if run is None and state.given_up and (state.given_up_on or {}).get("artifacts") != p.settings.artifacts_version:
+        # A deployment since the pipeline gave up may be the fix: one more attempt now, not at the daily pass
+        logger.info("given up, and other artifacts are deployed now: one more attempt")
+        p.state.mark_daily()
     if run is None or not run.job_id:
         return {"reconciled": "start", "next": maybe_start(p).reason}
     outcome = p.launcher.status(run.job_id)

@@ -218,12 +218,15 @@ class PipelineState:
         else:
             failures = seen.failures + 1
             expression = "SET failures = :failures, retry_at = :retry, first_change_at = :first, last_run = :last"
+            # Giving up freezes the back-off: no automatic retry comes anyway, and once the cause is fixed the next
+            # change or deployment must get its run within the quiet period, not hours of doubled delay later.
+            gives_up = failures >= max_attempts
             values.update({
                 ":failures": _n(failures),
-                ":retry": _n(now + retry_delay_s(retry_base_s, seen.failures)),
+                ":retry": _n(now if gives_up else now + retry_delay_s(retry_base_s, seen.failures)),
                 ":first": _n(run.first_change_at),  # its changes are unprocessed again, from when they began
             })  # fmt: skip
-            if failures >= max_attempts:
+            if gives_up:
                 expression += ", given_up_gen = :gen, given_up_on = :on"
                 values.update({":gen": _n(seen.gen), ":on": _strings(given_up_on or {})})
             expression += " REMOVE #run"

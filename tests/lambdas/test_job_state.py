@@ -397,6 +397,33 @@ def test_a_given_up_pipeline_is_restarted_daily_when_new_artifacts_are_deployed(
     assert len(job_runs(aws)) == 3
 
 
+def test_a_deployment_after_giving_up_gets_its_run_at_the_next_reconcile_pass(aws, trigger, job_state, clock,
+                                                                               lambda_context):  # fmt: skip
+    give_up(aws, trigger, job_state, clock, lambda_context)
+    # When the fix is deployed: the functions start with the new ARTIFACTS_VERSION
+    tune(aws, job_state, artifacts_version="fedcba9876543210")
+    # Then the schedule's next pass (every ReconcileMinutes) starts one more attempt, without waiting for the day
+    assert job_state.lambda_handler({"action": "reconcile"}, lambda_context)["next"] == "started"
+    assert len(job_runs(aws)) == 3
+
+
+def test_giving_up_freezes_the_back_off_so_a_new_upload_runs_at_once(aws, trigger, job_state, clock, lambda_context):
+    # Given a pipeline that gave up, then failed its daily attempts for a week (each a counted failure)
+    give_up(aws, trigger, job_state, clock, lambda_context)
+    for day in range(7):
+        clock.advance(86400)
+        put_image(aws, f"images/A/day-{day}.jpg")  # images change, so each daily pass tries again
+        daily(job_state, lambda_context)
+        job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+    assert int(state_item(aws)["failures"]["N"]) == 9
+    # When the cause is fixed and, minutes after the last failure, a new image is uploaded
+    clock.advance(300)
+    tune(aws, trigger, quiet_seconds=0)
+    upload(trigger, clock, lambda_context, "images/A/fixed.jpg")
+    # Then its run starts now, not after 2^8 x RETRY_BASE_SECONDS (21 hours) of back-off
+    assert state_item(aws)["run"]["M"]["job_id"]["S"] == active_job(aws)
+
+
 @pytest.mark.parametrize("change", ["added", "deleted"])
 def test_a_given_up_pipeline_is_restarted_daily_when_images_changed(aws, trigger, job_state, clock, lambda_context,
                                                                     change):  # fmt: skip
