@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import os
 import posixpath
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -124,10 +125,15 @@ def list_images(root: str) -> tuple[pa.Table, int]:
             if not is_image_name(name):
                 ignored += 1
                 continue
-            st = os.stat(path)
+            try:
+                st = os.stat(path)
+                regular = stat.S_ISREG(st.st_mode)
+                version, size = (f"{st.st_size}:{st.st_mtime_ns}", st.st_size) if regular else ("special", 0)
+            except FileNotFoundError:  # a symbolic link to nothing: listed, so that it is reported
+                version, size = "dangling", 0
             paths.append(path)
-            versions.append(f"{st.st_size}:{st.st_mtime_ns}")
-            sizes.append(st.st_size)
+            versions.append(version)
+            sizes.append(size)
     return _listing(root, paths, versions, sizes), ignored
 
 
@@ -174,8 +180,27 @@ def read_bytes(path: str) -> tuple[bytes, Optional[str]]:
         except client.exceptions.NoSuchKey:
             raise FileNotFoundError(path) from None
         return obj["Body"].read(), obj["ETag"].strip('"')
+    _check_regular(path)
     with open(path, "rb") as fh:
         return fh.read(), None
+
+
+class NotAFile(OSError):
+    """An input path that is no regular file (a FIFO, socket, device, directory, or a link to nothing): reported
+    as a failure, and never opened (reading a FIFO would block the run)."""
+
+
+def _check_regular(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise NotAFile("a symbolic link to nothing") from None
+        raise
+    if not stat.S_ISREG(mode):
+        kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                 (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))  # fmt: skip
+        raise NotAFile(next((name for test, name in kinds if test(mode)), "not a regular file"))
 
 
 def write_bytes(path: str, data: bytes, content_type: str = "application/octet-stream") -> None:
