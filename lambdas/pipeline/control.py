@@ -20,6 +20,7 @@ from pipeline.settings import Settings
 from pipeline.state import Conflict, PipelineState, Run, State, retry_delay_s
 
 STARTING_GRACE_S = 300  # a claim without a job id older than this lost its starter (the function timeout is 120 s)
+GAVE_UP = "no more automatic runs until a new upload, a new deployment, or images changed without an event (seen daily)"  # noqa: E501
 TIMEOUT_SLACK_S = 900  # EMR stops a run at its timeout; past this as well, someone should look
 
 
@@ -190,8 +191,8 @@ def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
         gave_up = state.failures + 1 >= s.max_attempts
         if gave_up:
             given_up_on = {"artifacts": s.artifacts_version, **_inputs_sha(p)}
-        then = "no more automatic runs until a new upload, or new images or artifacts seen daily" if gave_up else (
-            f"retrying in {retry_delay_s(s.retry_base_seconds, state.failures) // 60} minutes")  # fmt: skip
+        delay_min = retry_delay_s(s.retry_base_seconds, state.failures) // 60
+        then = GAVE_UP if gave_up else f"retrying in {delay_min} minutes"
         alert = _alert(f"run {run.run_id} ended {outcome.state}", run, outcome.state, f"{outcome.detail}; {then}")
     try:
         p.state.settle(state, outcome.succeeded, record, alert, s.retry_base_seconds, s.max_attempts, given_up_on)

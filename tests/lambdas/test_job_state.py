@@ -111,7 +111,7 @@ def test_failures_count_once_back_off_then_give_up_with_an_alert(aws, trigger, j
 
     # Then it gives up and says so: no more automatic runs, however long we wait
     [alert] = alerts(aws)
-    assert "no more automatic runs until a new upload, or new images or artifacts seen daily" in alert["detail"]
+    assert "no more automatic runs until a new upload, a new deployment, or images changed" in alert["detail"]
     clock.advance(86400)
     assert job_state.lambda_handler({"action": "reconcile"}, lambda_context)["next"] == "given-up"
     assert len(job_runs(aws)) == 2
