@@ -223,3 +223,4 @@ def test_a_request_that_would_outlive_the_function_is_answered_before_it_times_o
         time.sleep(0.05)
     # CloudFormation hears FAILED before the function's time is up, instead of waiting an hour
     assert web.responses["/t"]["Status"] == "FAILED"
+    handler_thread.join(timeout=10)  # (its late second answer goes to the server before it stops)
