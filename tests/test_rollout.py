@@ -168,6 +168,7 @@ def test_an_ec2_step_runs_the_shipped_runtime_as_yarn_does(sam_build, moto_serve
 
     from tests.lambdas.stack import BUCKET, create_stack
     from tests.localstack.stack import emr_environment, local_submit_parameters, spark_home, unpack_runtime
+    from tests.localstack.stack import fetch as localize
 
     # Given the stack's bucket with the artifacts JobArtifacts puts there from the sam-built layer
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
@@ -198,10 +199,7 @@ def test_an_ec2_step_runs_the_shipped_runtime_as_yarn_does(sam_build, moto_serve
     folder.mkdir()
 
     def fetch(uri: str) -> str:
-        bucket, key = uri[len("s3://") :].split("/", 1)
-        target = folder / key.rsplit("/", 1)[-1]
-        s3.download_file(bucket, key, str(target))
-        return str(target)
+        return localize(s3, uri, folder)
 
     entry = words.index(settings.job_entry_uri)
     unpack = lambda uri, alias: unpack_runtime(fetch(uri), folder / alias)  # noqa: E731

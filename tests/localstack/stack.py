@@ -170,18 +170,17 @@ class LocalStack:
 
     def _refresh_environments(self) -> None:
         """Functions whose environment names a custom resource's output get the new value, as an update would."""
-        t = self.template
-        globals_ = t.value(t.doc["Globals"]["Function"])
         for logical, fn in self.functions.items():
-            props = t.doc["Resources"][logical].get("Properties", {})
-            variables = props.get("Environment", {}).get("Variables", {})
-            try:
-                env = {**globals_["Environment"]["Variables"], **t.value(variables)}
-            except KeyError:
-                continue  # a resource it names is not made yet
-            env = {k: str(v) for k, v in env.items()}
+            env = self._environment(logical)
             if env != fn.env:
                 fn.env, fn.module = env, None  # a new cold start with the new configuration
+
+    def _environment(self, logical: str) -> dict:
+        """A function's variables as Lambda gets them: the template's Globals, then its own, resolved."""
+        t = self.template
+        own = t.doc["Resources"][logical].get("Properties", {}).get("Environment", {}).get("Variables", {})
+        env = {**t.value(t.doc["Globals"]["Function"]["Environment"]["Variables"]), **t.value(own)}
+        return {k: str(v) for k, v in env.items()}
 
     def serve(self, timers: bool = True) -> None:
         """Run the event source poller, the schedules (unless a test fires them itself) and the EMR runner."""
@@ -223,17 +222,11 @@ class LocalStack:
         self.bucket = t.values["DataBucket"]
         self.outputs = {name: t.value(o["Value"]) for name, o in t.doc["Outputs"].items()
                         if not o.get("Condition") or t.conditions[o["Condition"]]}  # fmt: skip
-        # A CloudFormation stack with the outputs, so `emr_job.package upload` finds ArtifactsUri as after a deploy.
-        body = {"Resources": {"Placeholder": {"Type": "AWS::SQS::Queue"}},
-                "Outputs": {k: {"Value": str(v)} for k, v in self.outputs.items()}}  # fmt: skip
-        stack_name = f"image-features-{t.parameters['Stage']}"
-        self.client("cloudformation").create_stack(StackName=stack_name, TemplateBody=json.dumps(body))
 
     def _function(self, logical: str, props: dict) -> None:
         t = self.template
         globals_ = t.value(t.doc["Globals"]["Function"])
-        env = {**globals_["Environment"]["Variables"], **props.get("Environment", {}).get("Variables", {})}
-        env = {k: str(v) for k, v in env.items()}
+        env = self._environment(logical)
         code = t.path.parent / props.get("CodeUri", globals_.get("CodeUri"))
         layers = [self.layers[arn] for arn in props.get("Layers", [])]
         fn = Function(logical, props.get("Handler", globals_.get("Handler")), env, props.get("Events", {}), code,
@@ -394,10 +387,7 @@ class LocalStack:
             self._set_state(job, "FAILED", detail)
 
     def _fetch(self, uri: str, folder: Path) -> str:
-        bucket, key = uri[len("s3://") :].split("/", 1)
-        path = folder / key.rsplit("/", 1)[-1]
-        self.client("s3").download_file(bucket, key, str(path))
-        return str(path)
+        return fetch(self.client("s3"), uri, folder)
 
     def _keep_logs(self, job: JobRun, stdout: Path, stderr: Path) -> None:
         """As EMR Serverless does: <logUri>/applications/<app>/jobs/<job>/SPARK_DRIVER/std{out,err}.gz."""
@@ -742,6 +732,14 @@ def local_submit_parameters(parameters, fetch, unpack) -> tuple:
             continue
         i += 2
     return out + ["--conf", "spark.driver.memory=1g"], env
+
+
+def fetch(s3, uri: str, folder: Path) -> str:
+    """An s3:// object into the job's folder, as EMR localizes --py-files, archives and the entry point."""
+    bucket, key = uri[len("s3://") :].split("/", 1)
+    path = folder / key.rsplit("/", 1)[-1]
+    s3.download_file(bucket, key, str(path))
+    return str(path)
 
 
 def emr_python() -> str:
