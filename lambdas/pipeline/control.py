@@ -7,21 +7,29 @@ late, concurrently or not at all and the next one picks up where it stopped (con
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Optional
 
 from pipeline.inputs import current_inputs, published_report
-from pipeline.launchers import JobOutcome, StartRefused
+from pipeline.launchers import JobOutcome, StartBlocked, StartRefused
 from pipeline.notifications import TICK
 from pipeline.observability import count, digest, logger
 from pipeline.settings import Settings
 from pipeline.state import Conflict, PipelineState, Run, State, retry_delay_s
 
 STARTING_GRACE_S = 300  # a claim without a job id older than this lost its starter (the function timeout is 120 s)
+# A start that EMR has not confirmed for this long after its claim (about six reconcile passes, each with the SDK's own
+# retries) ends as a failed attempt, once EMR lists no job of the run: an outage past this needs the back-off and
+# a person, and its alert comes within the hour that erasures are promised in.
+START_CONFIRM_S = 1800
 GAVE_UP = "no more automatic runs until a new upload, a new deployment, or images changed without an event (seen daily)"  # noqa: E501
-TIMEOUT_SLACK_S = 900  # EMR stops a run at its timeout; past this as well, someone should look
+TIMEOUT_SLACK_S = 900  # EMR stops a run at its timeout; past this too the reconciler cancels it (and alerts again)
+# The published report could not be read as a run succeeded: guess that a cleanup is due this much later. A run then
+# deletes what is due by then and its report says what is left; a sooner due time is late by at most this.
+CLEANUP_GUESS_S = 1800
 
 
 @dataclass
@@ -36,7 +44,8 @@ class Pipeline:
 
 @dataclass
 class Started:
-    reason: str  # started | starting | active | clean | given-up | backoff | settling | raced | refused
+    reason: str  # started | starting | active | clean | given-up | backoff | settling | raced | refused | blocked
+    # | unconfirmed
     run_id: Optional[str] = None
 
 
@@ -52,8 +61,9 @@ def on_changes(p: Pipeline, changes: int, latest_change_at: Optional[float]) -> 
     return marked
 
 
-def maybe_start(p: Pipeline) -> Started:
-    """Start a run if the pipeline is dirty, no run is active, and uploads have settled (or waited too long)."""
+def maybe_start(p: Pipeline, hurry: bool = False) -> Started:
+    """Start a run if the pipeline is dirty, no run is active, and uploads have settled (or waited too long).
+    hurry: start without waiting for uploads to settle (an erasure cleanup is due)."""
     state = p.state.read()
     flush_alert(p, state)
     now, s = p.state.clock(), p.settings
@@ -69,7 +79,7 @@ def maybe_start(p: Pipeline) -> Started:
         return Started("backoff")
     quiet = state.last_change_at is None or now - state.last_change_at >= s.quiet_seconds
     overdue = state.first_change_at is not None and now - state.first_change_at >= s.max_wait_seconds
-    if not (quiet or overdue):
+    if not (quiet or overdue or hurry):
         return Started("settling")
     try:
         run = p.state.claim(state, new_run_id(now))
@@ -92,7 +102,7 @@ def settle(p: Pipeline, outcome: JobOutcome) -> dict:
 
 def reconcile(p: Pipeline) -> dict:
     """The schedule's pass: settle a run whose end event was lost or early, retry a start that never reported,
-    alert on a run past its timeout, and start a deferred run."""
+    cancel a run past its timeout, start a run for a due erasure cleanup, and start a deferred run."""
     state = p.state.read()
     flush_alert(p, state)
     run, now = state.run, p.state.clock()
@@ -100,6 +110,9 @@ def reconcile(p: Pipeline) -> dict:
         # A deployment since the pipeline gave up may be the fix: one more attempt now, not at the daily pass
         logger.info("given up, and other artifacts are deployed now: one more attempt")
         p.state.mark_daily()
+    if run is None and state.cleanup_at is not None and now >= state.cleanup_at:
+        hurry = _mark_cleanup(p, state, now)
+        return {"reconciled": "cleanup" if hurry else "start", "next": maybe_start(p, hurry).reason}
     if run is None or not run.job_id:
         return {"reconciled": "start", "next": maybe_start(p).reason}
     outcome = p.launcher.status(run.job_id)
@@ -108,11 +121,8 @@ def reconcile(p: Pipeline) -> dict:
         count("RunsSettledByReconciler")
         return {"reconciled": "settled", **settle(p, outcome)}
     limit = p.settings.job_timeout_minutes * 60 + TIMEOUT_SLACK_S
-    if now - (run.started_at or run.claimed_at) > limit and not run.timeout_alerted:
-        p.state.queue_alert(_alert(f"run {run.run_id} still running after {int(now - run.started_at) // 60} minutes",
-                                   run, "RUNNING", "past JOB_TIMEOUT_MINUTES; EMR should have stopped it"))  # fmt: skip
-        p.state.mark_timeout_alerted(run)
-        flush_alert(p, p.state.read())
+    if run.cancel_requested_at or now - (run.started_at or run.claimed_at) > limit:
+        return _cancel(p, run, now)
     return {"reconciled": "running", "run_id": run.run_id}
 
 
@@ -149,8 +159,9 @@ def _daily_reason(p: Pipeline, state: State) -> Optional[str]:
             return "no results yet" if now["images"] else None
         if report.get("inputs") != now:
             return "images changed" if report.get("inputs") else "the report has no inputs digest (an older job)"
-        if (report.get("maintenance") or {}).get("oldest_uncompacted_delete"):
-            return "erased rows to compact"  # runs stay at least daily until erased rows leave the table files
+        due = (report.get("maintenance") or {}).get("cleanup_due_at")
+        if due and _epoch(due) <= p.state.clock():
+            return "cleanup due"  # superseded snapshots' files wait for a run (the reconciler starts one sooner)
         return None
     except Exception:
         logger.exception("daily pass: images/ or the report could not be read; reconciling anyway")
@@ -165,13 +176,57 @@ def _launch(p: Pipeline, state: State, run: Run) -> Started:
         job_id = p.launcher.start(run.run_id)
     except StartRefused as exc:
         logger.error("the engine refused the run", extra={"run_id": run.run_id, "reason": str(exc)})
-        _end(p, p.state.read(), JobOutcome(p.launcher.engine, run.job_id, False, "START_REFUSED", str(exc)))
-        return Started("refused", run.run_id)
+        return _fail_start(p, run, "START_REFUSED", str(exc), "refused")
+    except StartBlocked as exc:
+        # Never a second job: the run keeps its claim and starts once EMR lists no other job of this stack.
+        logger.error("another job of this stack is active; not starting", extra={"run_id": run.run_id,
+                                                                                 "reason": str(exc)})  # fmt: skip
+        count("RunStartsBlocked")
+        _alert_once(p, run, "blocked", f"run {run.run_id} waits: another job of this stack is active", "BLOCKED",
+                    f"{exc}; at most one job runs, so this run starts once that one has ended (retried at every "
+                    "reconcile pass); see docs/DEPLOY.md, Operations")  # fmt: skip
+        return Started("blocked", run.run_id)
     except Exception:
         # The request may have started a job whose answer was lost: keep the claim, retry with the same token.
         logger.exception("run start not confirmed; the reconciler retries it", extra={"run_id": run.run_id})
         count("RunStartsUnconfirmed")
+        if p.state.clock() - run.claimed_at > START_CONFIRM_S:
+            return _unconfirmed(p, run)
         return Started("starting", run.run_id)
+    return _record(p, run, job_id)
+
+
+def _unconfirmed(p: Pipeline, run: Run) -> Started:
+    """A start unconfirmed for START_CONFIRM_S: adopt its job if EMR lists one, else end it as a failed attempt. If
+    EMR cannot be asked, a job may exist: the claim stays (at most one run) and a person is told, once."""
+    minutes = int(p.state.clock() - run.claimed_at) // 60
+    try:
+        job_id = p.launcher.find(run.run_id)
+    except Exception:
+        logger.exception("cannot tell whether the unconfirmed start made a job; the run keeps its claim",
+                         extra={"run_id": run.run_id})  # fmt: skip
+        _alert_once(p, run, "unconfirmed", f"run {run.run_id} start unconfirmed for {minutes} minutes",
+                    "START_UNCONFIRMED", "EMR neither confirms the start nor lists its jobs; the run keeps its claim "
+                    "(a job may exist) and the reconciler keeps trying; see docs/DEPLOY.md, Operations")  # fmt: skip
+        return Started("starting", run.run_id)
+    if job_id:
+        logger.info("the unconfirmed start did make its job: adopted", extra={"run_id": run.run_id})
+        count("RunStartsAdopted")
+        return _record(p, run, job_id)
+    detail = f"EMR did not confirm the start for {minutes} minutes and lists no job of this run"
+    return _fail_start(p, run, "START_UNCONFIRMED", detail, "unconfirmed")
+
+
+def _fail_start(p: Pipeline, run: Run, state: str, detail: str, reason: str) -> Started:
+    """No job exists for the run: end it as a failed attempt (back-off, attempts, give-up, one alert)."""
+    now = p.state.read()
+    if now.run is None or now.run.run_id != run.run_id:
+        return Started("raced", run.run_id)
+    _end(p, now, JobOutcome(p.launcher.engine, run.job_id, False, state, detail))
+    return Started(reason, run.run_id)
+
+
+def _record(p: Pipeline, run: Run, job_id: str) -> Started:
     try:
         p.state.record_job(run, job_id)
     except Conflict:
@@ -182,27 +237,115 @@ def _launch(p: Pipeline, state: State, run: Run) -> Started:
     return Started("started", run.run_id)
 
 
+def _cancel(p: Pipeline, run: Run, now: float) -> dict:
+    """A run past its timeout: cancel it, once, with one alert. Its slot stays taken until EMR reports it ended,
+    then it settles as a failed attempt. A cancel that fails is asked again at the next pass; a run still not
+    ended TIMEOUT_SLACK_S after the cancel is alerted once more, for a person."""
+    s = p.settings
+    if not run.cancel_requested_at:
+        minutes = int(now - (run.started_at or run.claimed_at)) // 60
+        alert = _alert(f"run {run.run_id} cancelled after {minutes} minutes", run, "CANCELLING",
+                       f"still running past JOB_TIMEOUT_MINUTES ({s.job_timeout_minutes}) and EMR did not stop it: "
+                       "the reconciler cancels it; once EMR reports it ended it counts as a failed attempt, and the "
+                       "next run follows the back-off")  # fmt: skip
+        try:
+            p.state.request_cancel(run, alert)
+        except Conflict:
+            return {"reconciled": "cancelling", "run_id": run.run_id}  # another pass requested it (or it settled)
+        run.cancel_requested_at = now
+        count("RunsCancelled")
+        logger.warning("run past its timeout; cancelling it", extra={"run_id": run.run_id, "minutes": minutes})
+    if not run.cancel_sent_at:
+        try:
+            p.launcher.cancel(run.job_id)
+            p.state.record_cancel_sent(run)
+        except Conflict:
+            pass  # settled meanwhile
+        except Exception:
+            logger.exception("cancel not confirmed; the next reconcile pass asks again", extra={"run_id": run.run_id})
+            count("RunCancelsUnconfirmed")
+    if now - run.cancel_requested_at > TIMEOUT_SLACK_S:
+        minutes = int(now - run.cancel_requested_at) // 60
+        why = "" if run.cancel_sent_at else " (the cancel call itself fails)"
+        _alert_once(p, run, "stuck", f"run {run.run_id} not ended {minutes} minutes after its cancel", "CANCELLING",
+                    f"EMR has not ended the run since the reconciler cancelled it{why}; no other run starts until it "
+                    "ends: it needs a person; see docs/DEPLOY.md, Operations")  # fmt: skip
+    flush_alert(p, p.state.read())
+    return {"reconciled": "cancelling", "run_id": run.run_id}
+
+
+def _mark_cleanup(p: Pipeline, state: State, now: float) -> bool:
+    """The erasure cleanup the published run asked for is due: mark the pipeline dirty, once. True if marked here."""
+    try:
+        p.state.mark_cleanup(state.cleanup_at)
+    except Conflict:
+        return False  # another pass marked it
+    count("CleanupRunsDue")
+    logger.info("erasure cleanup due; starting a run", extra={"late_s": int(now - state.cleanup_at),
+                                                               "guessed": state.cleanup_guessed})  # fmt: skip
+    return True
+
+
+def _alert_once(p: Pipeline, run: Run, incident: str, subject: str, state: str, detail: str) -> None:
+    if p.state.alert_once(run, incident, _alert(subject, run, state, detail)):
+        flush_alert(p, p.state.read())
+
+
 def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
     run, s = state.run, p.settings
     record = {"run_id": run.run_id, "state": outcome.state, "attempt": run.attempt, "detail": outcome.detail[:500]}
+    if run.cancel_requested_at:
+        record["cancelled"] = "past its timeout, by the reconciler"
     alert = None
     given_up_on = None
-    if not outcome.succeeded:
+    cleanup_at, guessed = None, False
+    if outcome.succeeded:
+        cleanup_at, guessed, alert = _cleanup_after(p, state)
+    else:
         gave_up = state.failures + 1 >= s.max_attempts
         if gave_up:
             given_up_on = {"artifacts": s.artifacts_version, **_inputs_sha(p)}
         delay_min = retry_delay_s(s.retry_base_seconds, state.failures) // 60
         then = GAVE_UP if gave_up else f"retrying in {delay_min} minutes"
-        alert = _alert(f"run {run.run_id} ended {outcome.state}", run, outcome.state, f"{outcome.detail}; {then}")
+        if gave_up or not run.cancel_requested_at:  # a cancelled run was alerted as the cancel was requested
+            alert = _alert(f"run {run.run_id} ended {outcome.state}", run, outcome.state, f"{outcome.detail}; {then}")
     try:
-        p.state.settle(state, outcome.succeeded, record, alert, s.retry_base_seconds, s.max_attempts, given_up_on)
+        p.state.settle(state, outcome.succeeded, record, alert, s.retry_base_seconds, s.max_attempts, given_up_on,
+                       cleanup_at, guessed)  # fmt: skip
     except Conflict:
         logger.info("run already settled by another invocation", extra={"run_id": run.run_id})
         return
     count("RunsSucceeded" if outcome.succeeded else "RunsFailed")
-    logger.info("run settled", extra=record)
+    logger.info("run settled", extra={**record, "cleanup_at": cleanup_at})
     if alert:
         flush_alert(p, p.state.read())
+
+
+def _cleanup_after(p: Pipeline, state: State) -> tuple:
+    """(cleanup_at, guessed, alert) as a run succeeds: when the next run must start so that the files of superseded
+    snapshots go (the published report's maintenance.cleanup_due_at), or None. A report that cannot be read never
+    fails the settle: a cleanup run is guessed CLEANUP_GUESS_S later; if that run cannot read it either, guessing
+    stops (else one run per guess, forever) and a person is told."""
+    s = p.settings
+    try:
+        report = published_report(p.s3, s.bucket, s.results_prefix)
+        due = ((report or {}).get("maintenance") or {}).get("cleanup_due_at")
+        return (_epoch(due) if due else None), False, None
+    except Exception:
+        logger.exception("the published report could not be read as the run settled; guessing the cleanup")
+        count("CleanupDueUnreadable")
+    if state.cleanup_guessed:
+        return None, False, _alert("erasure cleanup cannot be scheduled", state.run, "REPORT_UNREADABLE",
+                                   f"{s.results_prefix}report.json could not be read after two successful runs in a "
+                                   "row, so files of superseded snapshots may outlive the erasure bound; the daily "
+                                   "pass still runs; see docs/DEPLOY.md, Operations")  # fmt: skip
+    return math.ceil(p.state.clock() + CLEANUP_GUESS_S), True, None
+
+
+def _epoch(text) -> int:
+    """An ISO-8601 time (UTC if it names no zone) -> epoch seconds, rounded up: a run never starts before it."""
+    when = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    return math.ceil((when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp())
 
 
 def _inputs_sha(p: Pipeline) -> dict:

@@ -1,5 +1,5 @@
-"""Two engines behind one small interface: start(run_id) -> job id, status(job_id) -> outcome or None while it
-runs, and their EventBridge state events -> outcome."""
+"""Two engines behind one small interface: start(run_id) -> job id, find(run_id) -> the job a run started or None,
+status(job_id) -> outcome or None while it runs, cancel(job_id), and their EventBridge state events -> outcome."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ from botocore.exceptions import ClientError
 from pipeline.settings import Settings
 
 ACTIVE_CLUSTER_STATES = ["STARTING", "BOOTSTRAPPING", "RUNNING", "WAITING"]
+# A step in these states is a job that runs or will: its cluster is not merely winding down after the step ended.
+ACTIVE_STEP_STATES = ["PENDING", "CANCEL_PENDING", "RUNNING"]
+# Every non-terminal state of a job run (EMR Serverless API reference, ListJobRuns `states`; job-states guide).
+ACTIVE_JOB_RUN_STATES = ["SUBMITTED", "QUEUED", "PENDING", "SCHEDULED", "RUNNING", "CANCELLING"]
+FIND_WINDOW_S = 86400  # a run's job is created after its claim; a day earlier covers clock skew with room to spare
 # Errors that prove the start request was refused, so no job exists: anything else (throttling, 5xx, a lost
 # response) may hide a job that did start, and the start is retried with the same idempotency token instead.
 REFUSED = {"ValidationException", "AccessDeniedException", "ResourceNotFoundException", "ConflictException"}
@@ -80,6 +85,11 @@ class StartRefused(RuntimeError):
     """The engine refused to start the run (bad configuration or permissions): no job exists."""
 
 
+class StartBlocked(RuntimeError):
+    """EMR runs a job of this stack that is not this run's: a start now would make two (the state item was
+    reset, or a job outlived what the pipeline knows). No job is started; the reconciler tries again later."""
+
+
 @dataclass(frozen=True)
 class JobOutcome:
     engine: str
@@ -115,27 +125,30 @@ class ServerlessLauncher:
     def __init__(self, client, settings: Settings):
         self.client, self.s = client, settings
 
-    def find(self, run_id: str) -> Optional[str]:
-        """The job run this run already started, if a start whose answer was lost did start one."""
-        since = datetime.fromtimestamp(_run_time(run_id) - 86400, tz=timezone.utc)
-        pages = self.client.get_paginator("list_job_runs").paginate(
-            applicationId=self.s.emr_application_id, createdAtAfter=since
-        )
+    def _job_runs(self, **filters):
+        pages = self.client.get_paginator("list_job_runs").paginate(applicationId=self.s.emr_application_id, **filters)
         try:
             for page in pages:
-                for job in page["jobRuns"]:
-                    if job.get("name") == run_id:
-                        return job["id"]
+                yield from page["jobRuns"]
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ResourceNotFoundException":
                 raise  # (moto's answer for an application without runs; on AWS StartJobRun then refuses)
-        return None
+
+    def find(self, run_id: str) -> Optional[str]:
+        """The job run this run already started, in any state, if a start whose answer was lost did start one."""
+        since = datetime.fromtimestamp(_run_time(run_id) - FIND_WINDOW_S, tz=timezone.utc)
+        return next((job["id"] for job in self._job_runs(createdAtAfter=since) if job.get("name") == run_id), None)
+
+    def others_active(self, run_id: str) -> int:
+        """How many job runs of the stack's application are active and not this run's."""
+        return sum(job.get("name") != run_id for job in self._job_runs(states=ACTIVE_JOB_RUN_STATES))
 
     def start(self, run_id: str) -> str:
         s = self.s
         found = self.find(run_id)  # the client token deduplicates too; this does not rely on it alone
         if found:
             return found
+        _refuse_a_second_job(self.others_active(run_id))
         params = " ".join([*runtime_options(s, yarn=False), s.spark_submit_parameters]).strip()
         response = _start(
             self.client.start_job_run,
@@ -146,7 +159,7 @@ class ServerlessLauncher:
             jobDriver={
                 "sparkSubmit": {
                     "entryPoint": s.job_entry_uri,
-                    "entryPointArguments": s.job_arguments(),
+                    "entryPointArguments": s.job_arguments(run_id),
                     "sparkSubmitParameters": params,
                 }
             },
@@ -172,6 +185,10 @@ class ServerlessLauncher:
             return None
         return JobOutcome(self.engine, job_id, self.TERMINAL[state], state, safe_detail(run.get("stateDetails", "")))
 
+    def cancel(self, job_id: str) -> None:
+        """Ask EMR to cancel the job run: it goes CANCELLING, then CANCELLED (asynchronous, like its end event)."""
+        self.client.cancel_job_run(applicationId=self.s.emr_application_id, jobRunId=job_id)
+
 
 class Ec2Launcher:
     """A transient cluster per run: one step, terminated when the step ends, whatever its outcome."""
@@ -186,14 +203,33 @@ class Ec2Launcher:
         """Also the step's name: the stack's EventBridge rules match this stack's clusters by its prefix."""
         return f"{self.s.run_name_prefix}-{run_id}"
 
+    def _clusters(self, **filters):
+        for page in self.client.get_paginator("list_clusters").paginate(**filters):
+            yield from page["Clusters"]
+
+    def find(self, run_id: str) -> Optional[str]:
+        """The cluster this run already made, in any state (RunJobFlow has no client token)."""
+        name = self.cluster_name(run_id)
+        since = datetime.fromtimestamp(_run_time(run_id) - FIND_WINDOW_S, tz=timezone.utc)
+        return next((c["Id"] for c in self._clusters(CreatedAfter=since) if c["Name"] == name), None)
+
+    def others_active(self, run_id: str) -> int:
+        """How many other clusters of this stack still run or will run their step. A cluster whose step ended is
+        only winding down (TerminateJobFlows and auto-termination take minutes) and runs no job."""
+        prefix, name = self.cluster_name("run-"), self.cluster_name(run_id)
+        others = [c["Id"] for c in self._clusters(ClusterStates=ACTIVE_CLUSTER_STATES)
+                  if c["Name"].startswith(prefix) and c["Name"] != name]  # fmt: skip
+        busy = [c for c in others if self.client.list_steps(ClusterId=c, StepStates=ACTIVE_STEP_STATES).get("Steps")]
+        return len(busy)
+
     def start(self, run_id: str) -> str:
         s = self.s
         name = self.cluster_name(run_id)
         # RunJobFlow has no client token: a retried start first looks for the cluster it may have made.
-        for page in self.client.get_paginator("list_clusters").paginate(ClusterStates=ACTIVE_CLUSTER_STATES):
-            for cluster in page["Clusters"]:
-                if cluster["Name"] == name:
-                    return cluster["Id"]
+        found = self.find(run_id)
+        if found:
+            return found
+        _refuse_a_second_job(self.others_active(run_id))
         market = "SPOT" if s.ec2_use_spot else "ON_DEMAND"
         instances = {
             "InstanceGroups": [
@@ -210,7 +246,7 @@ class Ec2Launcher:
         # `timeout` enforces JOB_TIMEOUT_MINUTES on the step: EMR steps have no timeout of their own.
         submit = ["timeout", f"{s.job_timeout_minutes}m", "spark-submit", "--deploy-mode", "cluster",
                   *runtime_options(s, yarn=True)]  # fmt: skip
-        submit += shlex.split(s.spark_submit_parameters) + [s.job_entry_uri, *s.job_arguments()]
+        submit += shlex.split(s.spark_submit_parameters) + [s.job_entry_uri, *s.job_arguments(run_id)]
         response = _start(
             self.client.run_job_flow,
             Name=name,
@@ -252,6 +288,15 @@ class Ec2Launcher:
             return JobOutcome(self.engine, job_id, False, cluster["State"],
                               safe_detail(cluster.get("StateChangeReason", {}).get("Message", "")))  # fmt: skip
         return None
+
+    def cancel(self, job_id: str) -> None:
+        """Terminate the run's cluster: EMR cancels its step and stops the instances (asynchronous, minutes)."""
+        self.client.terminate_job_flows(JobFlowIds=[job_id])
+
+
+def _refuse_a_second_job(active: int) -> None:
+    if active:
+        raise StartBlocked(f"{active} active job(s) of this stack that the state item does not know")
 
 
 def make_launcher(settings: Settings, emr_serverless=None, emr=None):

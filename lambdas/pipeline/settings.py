@@ -89,13 +89,15 @@ class Settings:
     runtime_archive_uri: str
     weights_uri: str
 
-    def job_arguments(self) -> list:
-        """The whole job: it lists images/ and diffs it with results/ itself; no list of keys is passed."""
+    def job_arguments(self, run_id: str) -> list:
+        """The whole job: it lists images/ and diffs it with results/ itself; no list of keys is passed. The run id
+        tells the job which launch it is: run markers that other launches left belong to dead runs (one at a time)."""
         return [
             "--input", f"s3://{self.bucket}/{self.images_prefix}",
             "--output", f"s3://{self.bucket}/{self.results_prefix}",
             "--weights", self.weights_uri,
             "--variance", str(self.pca_variance),
+            "--launch-id", run_id,
         ] + (["--glue-database", self.glue_database] if self.glue_database else [])  # fmt: skip
 
 

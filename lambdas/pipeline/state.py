@@ -6,12 +6,17 @@ times, never an object key.
   first_change_at    earliest change not yet claimed by a run (for MAX_WAIT_SECONDS)
   last_change_at     latest change marked (for QUIET_SECONDS)
   covered_before     changes that happened before this were visible to a run already claimed (late duplicates)
-  run                the active run: run_id, gen, claimed_at, first_change_at, attempt, [job_id, started_at]
+  run                the active run: run_id, gen, claimed_at, first_change_at, attempt, [job_id, started_at];
+                     cancel_requested_at, cancel_sent_at once it ran past its timeout and is being cancelled;
+                     alerted_<incident>: when that incident of the run was alerted (each at most once)
   failures           consecutive failed runs; retry_at: not before; given_up_gen: no automatic run until gen moves
   given_up_on        what the run that gave up had: artifacts (ARTIFACTS_VERSION) and inputs (the images/ digest's
                      SHA-256, when it could be listed); the daily pass restarts it only if either has changed
   last_run           outcome of the last settled run, for people and alerts
   alert              an alert not yet sent (outbox: sent, then removed), so a failed publish is never lost
+  cleanup_at         when a run must start so that the files of superseded snapshots go (erasure bound), from the
+                     published report's maintenance.cleanup_due_at; cleanup_guessed: that time is a guess, the
+                     report could not be read
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Callable, Optional
 from botocore.exceptions import ClientError
 
 ITEM_ID = "pipeline"
+ALERTED = "alerted_"  # run.alerted_<incident>: that incident was alerted once
 CLOCK_SKEW_S = 60  # margin between S3's event times and ours when deciding a change was already visible
 
 
@@ -41,7 +47,8 @@ class Run:
     attempt: int
     job_id: str = ""
     started_at: float = 0.0
-    timeout_alerted: bool = False
+    cancel_requested_at: float = 0.0
+    cancel_sent_at: float = 0.0
 
 
 @dataclass
@@ -58,6 +65,8 @@ class State:
     given_up_on: Optional[dict] = None
     last_run: Optional[dict] = None
     alert: Optional[dict] = None
+    cleanup_at: Optional[float] = None
+    cleanup_guessed: bool = False
 
     @property
     def dirty(self) -> bool:
@@ -117,7 +126,8 @@ class PipelineState:
                 attempt=int(_num(r, "attempt", 1)),
                 job_id=r.get("job_id", {}).get("S", ""),
                 started_at=_num(r, "started_at", 0.0),
-                timeout_alerted=r.get("timeout_alerted", {}).get("BOOL", False),
+                cancel_requested_at=_num(r, "cancel_requested_at", 0.0),
+                cancel_sent_at=_num(r, "cancel_sent_at", 0.0),
             )
         return State(
             gen=int(_num(item, "gen", 0)),
@@ -132,6 +142,8 @@ class PipelineState:
             given_up_on=_plain(item["given_up_on"]) if "given_up_on" in item else None,
             last_run=_plain(item["last_run"]) if "last_run" in item else None,
             alert=_plain(item["alert"]) if "alert" in item else None,
+            cleanup_at=_num(item, "cleanup_at"),
+            cleanup_guessed=item.get("cleanup_guessed", {}).get("BOOL", False),
         )
 
     # --- changes -------------------------------------------------------------------------------------
@@ -150,6 +162,17 @@ class PipelineState:
             return True
         except Conflict:
             return False
+
+    def mark_cleanup(self, seen_cleanup_at: float) -> None:
+        """A cleanup is due: behave as if something changed, and forget the due time in the same write. Raises
+        Conflict if another invocation marked it already (or a settle set another time meanwhile)."""
+        now = self.clock()
+        self._update(
+            "SET gen = if_not_exists(gen, :zero) + :one, first_change_at = if_not_exists(first_change_at, :now), "
+            "cleanup_marked_at = :now REMOVE cleanup_at",
+            {":zero": _n(0), ":one": _n(1), ":now": _n(now), ":seen": _n(int(seen_cleanup_at))},
+            condition="cleanup_at = :seen",
+        )
 
     def mark_daily(self) -> None:
         """The daily reconciliation: behave as if something changed, so images that changed without an event
@@ -195,29 +218,60 @@ class PipelineState:
         )
         run.job_id = job_id
 
-    def mark_timeout_alerted(self, run: Run) -> None:
+    def request_cancel(self, run: Run, alert: dict) -> None:
+        """Record, with its alert, that the run is to be cancelled. Conflict: another invocation did already."""
+        self._once(run, "cancel_requested_at", alert)
+
+    def record_cancel_sent(self, run: Run) -> None:
         self._update(
-            "SET #run.timeout_alerted = :yes",
-            {":yes": {"BOOL": True}, ":id": _s(run.run_id)},
+            "SET #run.cancel_sent_at = :now",
+            {":now": _n(self.clock()), ":id": _s(run.run_id)},
             condition="#run.run_id = :id",
             names={"#run": "run"},
         )
 
+    def alert_once(self, run: Run, incident: str, alert: dict) -> bool:
+        """Queue the alert of one incident of the run, unless it was queued already. True if queued now."""
+        try:
+            self._once(run, ALERTED + incident, alert)
+            return True
+        except Conflict:
+            return False
+
+    def _once(self, run: Run, field: str, alert: dict) -> None:
+        self._update(
+            "SET #run.#field = :now, alert = :alert",
+            {":now": _n(self.clock()), ":alert": _strings(alert), ":id": _s(run.run_id)},
+            condition="#run.run_id = :id AND attribute_not_exists(#run.#field)",
+            names={"#run": "run", "#field": field},
+        )
+
     def settle(self, seen: State, succeeded: bool, outcome: dict, alert: Optional[dict], retry_base_s: int,
-               max_attempts: int, given_up_on: Optional[dict] = None) -> None:  # fmt: skip
+               max_attempts: int, given_up_on: Optional[dict] = None, cleanup_at: Optional[float] = None,
+               cleanup_guessed: bool = False) -> None:  # fmt: skip
         """End the active run, once: the condition on its run_id makes a retried invocation a Conflict.
-        given_up_on: what the run had (digests only), kept if this failure gives up."""
+        given_up_on: what the run had (digests only), kept if this failure gives up. cleanup_at (and whether it is
+        a guess): when the next run must start for the published run's erasure cleanup; a success replaces it."""
         run, now = seen.run, self.clock()
         values = {":id": _s(run.run_id), ":last": _strings({**outcome, "ended_at": int(now)})}
+        sets, removes = ["last_run = :last"], ["#run"]
         if succeeded:
-            expression = (
-                "SET processed_gen = :gen, failures = :zero, last_run = :last "
-                "REMOVE #run, retry_at, given_up_gen, given_up_on"
-            )
+            sets += ["processed_gen = :gen", "failures = :zero"]
+            removes += ["retry_at", "given_up_gen", "given_up_on"]
             values.update({":gen": _n(run.gen), ":zero": _n(0)})
+            if cleanup_at is None:
+                removes.append("cleanup_at")
+            else:
+                sets.append("cleanup_at = :cleanup")
+                values[":cleanup"] = _n(int(cleanup_at))  # whole seconds: mark_cleanup's condition compares it
+            if cleanup_guessed:
+                sets.append("cleanup_guessed = :yes")
+                values[":yes"] = {"BOOL": True}
+            else:
+                removes.append("cleanup_guessed")
         else:
             failures = seen.failures + 1
-            expression = "SET failures = :failures, retry_at = :retry, first_change_at = :first, last_run = :last"
+            sets += ["failures = :failures", "retry_at = :retry", "first_change_at = :first"]
             # Giving up freezes the back-off: no automatic retry comes anyway, and once the cause is fixed the next
             # change or deployment must get its run within the quiet period, not hours of doubled delay later.
             gives_up = failures >= max_attempts
@@ -227,16 +281,13 @@ class PipelineState:
                 ":first": _n(run.first_change_at),  # its changes are unprocessed again, from when they began
             })  # fmt: skip
             if gives_up:
-                expression += ", given_up_gen = :gen, given_up_on = :on"
+                sets += ["given_up_gen = :gen", "given_up_on = :on"]
                 values.update({":gen": _n(seen.gen), ":on": _strings(given_up_on or {})})
-            expression += " REMOVE #run"
         if alert:
-            expression = expression.replace(" REMOVE", ", alert = :alert REMOVE", 1)
+            sets.append("alert = :alert")
             values[":alert"] = _strings(alert)
+        expression = f"SET {', '.join(sets)} REMOVE {', '.join(removes)}"
         self._update(expression, values, condition="#run.run_id = :id", names={"#run": "run"})
-
-    def queue_alert(self, alert: dict) -> None:
-        self._update("SET alert = :alert", {":alert": _strings(alert)})
 
     def clear_alert(self, alert_id: str) -> None:
         # Conflict: a newer alert replaced it, or another invocation sent and removed it already.

@@ -1,6 +1,7 @@
 """Job-state function against moto: settling once, retries with backoff, alerts, the schedule's repairs, EC2."""
 
 import json
+import math
 import sys
 import time
 
@@ -9,6 +10,7 @@ from botocore.exceptions import ClientError
 
 from tests.lambdas.conftest import (
     BUCKET,
+    REGION,
     Clock,
     job_runs,
     load,
@@ -178,14 +180,252 @@ def test_an_end_event_before_the_job_id_is_recorded_is_settled_later(aws, trigge
     assert "run" not in state_item(aws)
 
 
-def test_a_run_past_its_timeout_alerts_once(aws, trigger, job_state, clock, lambda_context):
+# --- a run that never ends: cancelled past its timeout, settled once EMR says it ended ----------------------
+PAST_TIMEOUT = 180 * 60 + 901  # JOB_TIMEOUT_MINUTES (180) plus TIMEOUT_SLACK_S
+
+
+def reconcile(job_state, lambda_context) -> dict:
+    return job_state.lambda_handler({"action": "reconcile"}, lambda_context)
+
+
+def cancels(aws, client, fails: int = 0, then: str = "CANCELLING") -> list:
+    """Record CancelJobRun calls; the first `fails` raise, the others leave the job in `then` (EMR's asynchronous
+    answer: CANCELLING first, CANCELLED later)."""
+    calls = []
+
+    def cancel_job_run(applicationId, jobRunId):
+        calls.append(jobRunId)
+        if len(calls) <= fails:
+            raise ClientError({"Error": {"Code": "InternalServerException", "Message": "down"}}, "CancelJobRun")
+        set_job_state(aws, jobRunId, then)
+        return {"applicationId": applicationId, "jobRunId": jobRunId}
+
+    aws.monkeypatch.setattr(client, "cancel_job_run", cancel_job_run)
+    return calls
+
+
+def test_a_run_past_its_timeout_is_cancelled_once_and_counted_once_then_the_next_run_starts(
+    aws, trigger, job_state, clock, lambda_context, capsys
+):
+    # Given a run EMR keeps running past JOB_TIMEOUT_MINUTES plus the slack (MAX_ATTEMPTS=2)
     upload(trigger, clock, lambda_context)
-    set_job_state(aws, active_job(aws), "RUNNING")
-    clock.advance(180 * 60 + 901)  # JOB_TIMEOUT_MINUTES (180) plus the slack
-    job_state.lambda_handler({"action": "reconcile"}, lambda_context)
-    job_state.lambda_handler({"action": "reconcile"}, lambda_context)
+    stuck = active_job(aws)
+    set_job_state(aws, stuck, "RUNNING")
+    calls = cancels(aws, job_state.PIPELINE.launcher.client)
+    clock.advance(PAST_TIMEOUT)
+
+    # When the reconciler comes round twice while EMR is cancelling it
+    first, second = reconcile(job_state, lambda_context), reconcile(job_state, lambda_context)
+
+    # Then it asked EMR to cancel once, alerted once, and the run keeps its slot: EMR has not ended it yet
+    assert first["reconciled"] == second["reconciled"] == "cancelling" and calls == [stuck]
     [alert] = alerts(aws)
-    assert "still running after" in alert["subject"]
+    assert "cancelled after 195 minutes" in alert["subject"] and alert["state"] == "CANCELLING"
+    run = state_item(aws)["run"]["M"]
+    assert run["job_id"]["S"] == stuck and "cancel_requested_at" in run and "cancel_sent_at" in run
+    assert upload(trigger, clock, lambda_context, "images/A/2.jpg") == {"batchItemFailures": []}
+    assert len(job_runs(aws)) == 1  # an upload meanwhile starts nothing beside it
+
+    # When EMR reports it cancelled: its event, a retry of the event, and two reconciler passes
+    set_job_state(aws, stuck, "CANCELLED")
+    job_state.lambda_handler(serverless_state(stuck, aws.app_id, "CANCELLED"), lambda_context)
+    job_state.lambda_handler(serverless_state(stuck, aws.app_id, "CANCELLED"), lambda_context)
+    reconcile(job_state, lambda_context)
+    reconcile(job_state, lambda_context)
+
+    # Then it counts as one failed attempt, with no second alert, and the back-off holds the next run
+    item = state_item(aws)
+    assert "run" not in item and item["failures"]["N"] == "1" and alerts(aws) == []
+    assert item["last_run"]["M"]["state"]["S"] == "CANCELLED" and "timeout" in item["last_run"]["M"]["cancelled"]["S"]
+    assert metrics_out(capsys.readouterr().out)["RunsFailed"] == 1 and calls == [stuck]
+
+    # And once the back-off has passed, the next run starts as usual, and succeeds
+    clock.advance(301)
+    assert reconcile(job_state, lambda_context)["next"] == "started"
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "SUCCESS"), lambda_context)
+    assert len(job_runs(aws)) == 2 and state_item(aws)["failures"]["N"] == "0"
+
+
+def test_a_cancel_that_fails_is_asked_again_at_the_next_pass(aws, trigger, job_state, clock, lambda_context):
+    upload(trigger, clock, lambda_context)
+    stuck = active_job(aws)
+    set_job_state(aws, stuck, "RUNNING")
+    calls = cancels(aws, job_state.PIPELINE.launcher.client, fails=1)
+    clock.advance(PAST_TIMEOUT)
+
+    # When the first cancel call fails, and the reconciler comes round three more times (within the slack)
+    reconcile(job_state, lambda_context)
+    assert "cancel_sent_at" not in state_item(aws)["run"]["M"] and len(calls) == 1
+    for _ in range(3):
+        clock.advance(240)
+        reconcile(job_state, lambda_context)
+
+    # Then it was asked once more, and only once more, with one alert in all
+    assert calls == [stuck, stuck] and "cancel_sent_at" in state_item(aws)["run"]["M"]
+    assert len(alerts(aws)) == 1
+
+
+def test_a_run_emr_does_not_end_after_its_cancel_is_alerted_once_more_and_keeps_its_slot(
+    aws, trigger, job_state, clock, lambda_context
+):
+    upload(trigger, clock, lambda_context)
+    stuck = active_job(aws)
+    set_job_state(aws, stuck, "RUNNING")
+    cancels(aws, job_state.PIPELINE.launcher.client)  # EMR says CANCELLING, and stays there
+    clock.advance(PAST_TIMEOUT)
+    reconcile(job_state, lambda_context)
+    assert len(alerts(aws)) == 1
+
+    # When EMR still has not ended it TIMEOUT_SLACK_S after the cancel, pass after pass
+    for _ in range(4):
+        clock.advance(300)
+        reconcile(job_state, lambda_context)
+
+    # Then a person is told, once, and no second run starts beside it, whatever arrives
+    [alert] = alerts(aws)
+    assert "minutes after its cancel" in alert["subject"] and "needs a person" in alert["detail"]
+    upload(trigger, clock, lambda_context, "images/A/2.jpg")
+    clock.advance(3600)
+    reconcile(job_state, lambda_context)
+    assert len(job_runs(aws)) == 1 and active_job(aws) == stuck and alerts(aws) == []
+
+    # Until EMR reports it ended: then it settles, and the next run follows the back-off
+    set_job_state(aws, stuck, "CANCELLED")
+    assert reconcile(job_state, lambda_context)["reconciled"] == "settled"
+    clock.advance(301)
+    assert reconcile(job_state, lambda_context)["next"] == "started" and len(job_runs(aws)) == 2
+
+
+# --- a start that never confirms: bounded, and never a second job -----------------------------------------
+def failing_start(aws, launcher, code: str = "InternalServerException", really: int = 0) -> list:
+    """StartJobRun answers with an error each time; the first `really` calls do start the job (a lost answer)."""
+    real, calls = launcher.client.start_job_run, []
+
+    def start_job_run(**kwargs):
+        calls.append(kwargs["name"])
+        if len(calls) <= really:
+            real(**kwargs)
+        raise ClientError({"Error": {"Code": code, "Message": "try again"}}, "StartJobRun")
+
+    aws.monkeypatch.setattr(launcher.client, "start_job_run", start_job_run)
+    return calls
+
+
+def test_a_start_unconfirmed_past_its_bound_is_one_failed_attempt_with_one_alert(aws, trigger, job_state, clock,
+                                                                                lambda_context, capsys):  # fmt: skip
+    from pipeline.control import START_CONFIRM_S
+
+    # Given StartJobRun failing with a 5xx for longer than the bound (EMR never made the job)
+    reals = {module: module.PIPELINE.launcher.client.start_job_run for module in (trigger, job_state)}
+    for module in reals:
+        failing_start(aws, module.PIPELINE.launcher)
+    upload(trigger, clock, lambda_context)
+    claimed = state_item(aws)["run"]["M"]["run_id"]["S"]
+
+    # When the reconciler retries it every 5 minutes until past START_CONFIRM_S
+    claimed_at, results = clock.now, []
+    while "run" in state_item(aws) and len(results) < 20:
+        clock.advance(300)
+        results.append(reconcile(job_state, lambda_context)["next"])
+
+    # Then it was retried quietly until the bound, then ended as one failed attempt with one alert
+    assert set(results[:-1]) == {"starting"} and results[-1] == "unconfirmed"
+    assert claimed_at + START_CONFIRM_S <= clock.now < claimed_at + START_CONFIRM_S + 300
+    item = state_item(aws)
+    assert "run" not in item and item["failures"]["N"] == "1" and item["last_run"]["M"]["run_id"]["S"] == claimed
+    assert item["last_run"]["M"]["state"]["S"] == "START_UNCONFIRMED"
+    [alert] = alerts(aws)
+    assert alert["state"] == "START_UNCONFIRMED" and "retrying in 5 minutes" in alert["detail"]
+    assert metrics_out(capsys.readouterr().out)["RunsFailed"] == 1 and job_runs(aws) == []
+
+    # And the back-off applies: the next attempt is a new run, once EMR answers again
+    assert reconcile(job_state, lambda_context)["next"] == "backoff"
+    for module, real in reals.items():
+        aws.monkeypatch.setattr(module.PIPELINE.launcher.client, "start_job_run", real)
+    clock.advance(301)
+    assert reconcile(job_state, lambda_context)["next"] == "started"
+    [job] = job_runs(aws)
+    assert job["name"] != claimed and state_item(aws)["run"]["M"]["attempt"]["N"] == "2"
+
+
+def test_a_lost_answer_found_past_the_bound_is_adopted_not_failed(aws, trigger, job_state, clock, lambda_context):
+    # Given a start whose job EMR did make, and whose every retry fails before reaching EMR's listing
+    launcher = job_state.PIPELINE.launcher
+    failing_start(aws, trigger.PIPELINE.launcher, code="RequestTimeout", really=1)
+    upload(trigger, clock, lambda_context)
+    [job] = job_runs(aws)
+    assert "job_id" not in state_item(aws)["run"]["M"]
+
+    def throttled(run_id):
+        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "ListJobRuns")
+
+    aws.monkeypatch.setattr(launcher, "start", throttled)
+
+    # When the bound has passed and the reconciler asks EMR whether the run's job exists
+    clock.advance(1801)
+    result = reconcile(job_state, lambda_context)
+
+    # Then its job is adopted: the run is active with it, nothing failed, nobody alerted, no second job
+    assert result["next"] == "started" and active_job(aws) == job["id"]
+    assert state_item(aws).get("failures", {"N": "0"})["N"] == "0" and alerts(aws) == []
+    assert len(job_runs(aws)) == 1
+
+
+def test_an_unconfirmed_start_emr_cannot_tell_about_keeps_its_claim_and_alerts_once(aws, trigger, job_state, clock,
+                                                                                    lambda_context):  # fmt: skip
+    # Given starts that fail and an EMR that cannot even list its jobs (a job may exist)
+    def down(*args, **kwargs):
+        raise ClientError({"Error": {"Code": "InternalServerException", "Message": "down"}}, "ListJobRuns")
+
+    for module in (trigger, job_state):
+        aws.monkeypatch.setattr(module.PIPELINE.launcher, "start", down)
+        aws.monkeypatch.setattr(module.PIPELINE.launcher, "find", down)
+    upload(trigger, clock, lambda_context)
+    claimed = state_item(aws)["run"]["M"]["run_id"]["S"]
+
+    # When the bound passes, pass after pass
+    clock.advance(1801)
+    results = [reconcile(job_state, lambda_context)["next"]]
+    for _ in range(3):
+        clock.advance(300)
+        results.append(reconcile(job_state, lambda_context)["next"])
+
+    # Then the run keeps its claim (no failure, no other run), and a person is told once
+    assert results == ["starting"] * 4
+    item = state_item(aws)
+    assert item["run"]["M"]["run_id"]["S"] == claimed and "failures" not in item
+    [alert] = alerts(aws)
+    assert alert["state"] == "START_UNCONFIRMED" and "keeps its claim" in alert["detail"]
+
+
+def foreign_job(aws, state: str = "RUNNING") -> str:
+    """A job run of the stack's application that the state item does not know (a reset table, a lost run)."""
+    job = aws.emrs.start_job_run(applicationId=aws.app_id, clientToken="other", name="run-20260101T000000Z-0ther000",
+                                 executionRoleArn=aws.env["EMR_RUNTIME_ROLE_ARN"])["jobRunId"]  # fmt: skip
+    set_job_state(aws, job, state)
+    return job
+
+
+def test_an_active_job_the_state_does_not_know_blocks_a_second_job(aws, trigger, job_state, clock, lambda_context):
+    # Given a job of this stack running that the state item does not know
+    other = foreign_job(aws)
+
+    # When an upload asks for a run, and the reconciler retries it
+    upload(trigger, clock, lambda_context)
+    clock.advance(301)
+    assert reconcile(job_state, lambda_context)["next"] == "blocked"
+
+    # Then no job starts beside it: one alert, the run keeps its claim and no failure is counted
+    assert [j["id"] for j in job_runs(aws)] == [other]
+    [alert] = alerts(aws)
+    assert alert["state"] == "BLOCKED" and "1 active job(s)" in alert["detail"]
+    assert "job_id" not in state_item(aws)["run"]["M"] and "failures" not in state_item(aws)
+
+    # When that job ends, the next pass starts the run
+    set_job_state(aws, other, "CANCELLED")
+    clock.advance(300)
+    assert reconcile(job_state, lambda_context)["next"] == "started"
+    assert len(job_runs(aws)) == 2 and alerts(aws) == []
 
 
 def test_a_refused_start_is_a_failed_attempt_with_an_alert(aws, trigger, clock, lambda_context):
@@ -306,13 +546,17 @@ def test_the_next_daily_pass_compares_with_what_the_last_run_published(aws, job_
     assert len(job_runs(aws)) == 1
 
 
-def test_the_daily_pass_runs_until_erased_rows_are_compacted(aws, job_state, clock, lambda_context):
-    # Given a published run that masked an erased image's rows, which compaction removes from the files later
-    put_image(aws)
-    publish(aws, oldest_uncompacted_delete="2026-11-25T10:00:00+00:00")
+@pytest.mark.parametrize("due", ["past", "future"])
+def test_the_daily_pass_runs_a_cleanup_that_is_due(aws, job_state, clock, lambda_context, due):
+    from tests.lambdas.conftest import iso
 
-    # When the daily pass comes round with images/ unchanged, then a run starts all the same (the erasure bound)
-    assert daily(job_state, lambda_context) == {"daily": "erased rows to compact", "next": "started"}
+    # Given a published run whose superseded snapshots' files wait for a cleanup run (images/ unchanged)
+    put_image(aws)
+    publish(aws, cleanup_due_at=iso(clock.now + (-60 if due == "past" else 3600)), oldest_uncompacted_delete="x")
+
+    # Then the daily pass starts a run once it is due, and not before (erased rows are never left to compact)
+    expected = {"daily": "cleanup due", "next": "started"} if due == "past" else {"daily": "unchanged", "next": "clean"}
+    assert daily(job_state, lambda_context) == expected
 
 
 def test_a_report_from_an_older_job_starts_one_run_that_records_the_digest(aws, job_state, clock, lambda_context):
@@ -351,6 +595,102 @@ def test_a_daily_pass_during_a_run_marks_as_before(aws, trigger, job_state, cloc
 
     # Then one more run follows, which lists images/ after the daily pass
     assert result["next"] == "started" and len(job_runs(aws)) == 2
+
+
+# --- erasure cleanup: a run starts when the published run says its superseded files are due to go ----------
+def succeed_with_report(aws, job_state, lambda_context, **maintenance) -> dict:
+    """The active run publishes report.json (maintenance as given) and EMR reports its success."""
+    publish(aws, **maintenance)
+    return job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "SUCCESS"), lambda_context)
+
+
+def test_a_due_cleanup_starts_one_run_at_its_time_without_waiting_for_uploads(aws, trigger, job_state, clock,
+                                                                             lambda_context):  # fmt: skip
+    from pipeline.state import Conflict
+
+    from tests.lambdas.conftest import iso
+
+    # Given a run that erased an image and published a report asking for a run at T (no further upload)
+    put_image(aws)
+    upload(trigger, clock, lambda_context)
+    due = clock.now + 3300
+    assert succeed_with_report(aws, job_state, lambda_context, cleanup_due_at=iso(due))["next"] == "clean"
+    item = state_item(aws)
+    assert int(item["cleanup_at"]["N"]) == math.ceil(due) and "images/" not in json.dumps(item)
+
+    # When the reconciler comes round before T: nothing starts
+    clock.advance(3300 - 60)
+    assert reconcile(job_state, lambda_context) == {"reconciled": "start", "next": "clean"}
+    assert len(job_runs(aws)) == 1
+
+    # When uploads are arriving at T (a quiet period of 15 minutes not yet reached), and two passes come round
+    tune(aws, trigger, quiet_seconds=900)
+    tune(aws, job_state, quiet_seconds=900)
+    upload(trigger, clock, lambda_context, "images/A/2.jpg")
+    assert len(job_runs(aws)) == 1  # the upload alone waits for uploads to settle
+    clock.advance(61)  # T, to the second above it
+    first = reconcile(job_state, lambda_context)
+    set_job_state(aws, active_job(aws), "RUNNING")
+    second = reconcile(job_state, lambda_context)
+
+    # Then one run starts at once, and the due time is gone: a pass that read it before cannot mark it again
+    assert first == {"reconciled": "cleanup", "next": "started"} and second["reconciled"] == "running"
+    assert len(job_runs(aws)) == 2 and "cleanup_at" not in state_item(aws)
+    with pytest.raises(Conflict):
+        job_state.PIPELINE.state.mark_cleanup(math.ceil(due))
+
+    # And when that run's report says nothing more is due, nothing else starts
+    succeed_with_report(aws, job_state, lambda_context, cleanup_due_at=None)
+    clock.advance(86400)
+    assert reconcile(job_state, lambda_context)["next"] == "clean" and len(job_runs(aws)) == 2
+
+
+@pytest.mark.parametrize("unreadable", ["denied", "not json", "bad time"])
+def test_an_unreadable_report_still_gets_a_cleanup_run_within_the_bound(aws, trigger, job_state, clock,
+                                                                        lambda_context, unreadable):  # fmt: skip
+    from pipeline.control import CLEANUP_GUESS_S
+
+    # Given a run that succeeds but whose report cannot be read as it settles
+    put_image(aws)
+    upload(trigger, clock, lambda_context)
+    real_get = job_state.PIPELINE.s3.get_object
+
+    def denied(**kwargs):
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "GetObject")
+
+    if unreadable == "denied":
+        aws.monkeypatch.setattr(job_state.PIPELINE.s3, "get_object", denied)
+        publish(aws)
+    elif unreadable == "not json":
+        aws.s3.put_object(Bucket=BUCKET, Key="results/report.json", Body=b"{truncated")
+    else:
+        publish(aws, cleanup_due_at="half past noon")
+    settled_at = clock.now
+    result = job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "SUCCESS"), lambda_context)
+
+    # Then the run still settles as succeeded, and a cleanup run is guessed CLEANUP_GUESS_S later
+    assert result["succeeded"] is True and state_item(aws)["failures"]["N"] == "0"
+    assert state_item(aws)["cleanup_guessed"]["BOOL"] is True
+    clock.advance(CLEANUP_GUESS_S - 60)
+    assert reconcile(job_state, lambda_context)["next"] == "clean"
+    clock.advance(61)
+    assert reconcile(job_state, lambda_context)["next"] == "started"
+    assert clock.now - settled_at <= 3600 - 300 and len(job_runs(aws)) == 2  # well within the 1-hour bound
+
+    # When that run cannot read it either: a person is told once, and guessing stops (no run every half hour)
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "SUCCESS"), lambda_context)
+    [alert] = alerts(aws)
+    assert alert["state"] == "REPORT_UNREADABLE" and "erasure" in alert["subject"]
+    assert "cleanup_at" not in state_item(aws) and "cleanup_guessed" not in state_item(aws)
+
+    # And once it reads again, the report's own time is followed
+    from tests.lambdas.conftest import iso
+
+    aws.monkeypatch.setattr(job_state.PIPELINE.s3, "get_object", real_get)
+    clock.advance(300)
+    upload(trigger, clock, lambda_context, "images/A/2.jpg")
+    succeed_with_report(aws, job_state, lambda_context, cleanup_due_at=iso(clock.now + 600))
+    assert int(state_item(aws)["cleanup_at"]["N"]) == math.ceil(clock.now + 600)
 
 
 # --- a given-up pipeline: restarted daily only if the images or the deployed artifacts changed ------------
@@ -463,6 +803,7 @@ def test_ec2_engine_runs_a_transient_cluster_with_one_step_under_a_timeout(aws, 
     assert step["ActionOnFailure"] == "TERMINATE_CLUSTER"
     args = step["Config"]["Args"]
     assert args[:5] == ["timeout", "180m", "spark-submit", "--deploy-mode", "cluster"]
+    assert args[args.index("--launch-id") + 1] == state_item(aws)["run"]["M"]["run_id"]["S"]
     assert step["Name"] == cluster["Name"] and cluster["Name"].startswith("image-features-run-")
     assert "--manifest" not in args and args[args.index("--input") + 1] == "s3://photos-eu/images/"
     # Nothing installed at boot: the step brings the stack's runtime archive (tests/test_rollout.py runs it)
@@ -500,6 +841,42 @@ def test_ec2_step_and_cluster_events_settle_the_run_once(aws, ec2, lambda_contex
         "detail": {"clusterId": cluster_id, "state": "TERMINATED_WITH_ERRORS", "stateChangeReason": "{}"},
     }
     assert job_state.lambda_handler(cluster_event, lambda_context)["settled"] is None
+
+
+def test_ec2_a_run_past_its_timeout_has_its_cluster_terminated_and_settles_once(aws, ec2, lambda_context):
+    trigger, job_state, clock = ec2
+    upload(trigger, clock, lambda_context)
+    [cluster] = aws.emr.list_clusters()["Clusters"]
+
+    # When the run is past its timeout (the step's `timeout` did not end it), over two passes
+    clock.advance(PAST_TIMEOUT)
+    assert reconcile(job_state, lambda_context)["reconciled"] == "cancelling"
+    settled = reconcile(job_state, lambda_context)
+
+    # Then its cluster was terminated, and the run counts once as failed once EMR says the cluster ended
+    assert aws.emr.describe_cluster(ClusterId=cluster["Id"])["Cluster"]["Status"]["State"] == "TERMINATED"
+    assert settled["reconciled"] == "settled" and settled["succeeded"] is False
+    assert state_item(aws)["failures"]["N"] == "1" and len(alerts(aws)) == 1
+
+
+def test_ec2_only_a_cluster_whose_step_still_runs_blocks_a_second_one(aws, ec2, lambda_context):
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.emr.models import emr_backends
+
+    trigger, job_state, clock = ec2
+    # Given a cluster of this stack that the state item does not know, its step running
+    other = trigger.PIPELINE.launcher.start("run-20260101T000000Z-0ther000")
+
+    # When an upload asks for a run: blocked, one alert, no second cluster
+    upload(trigger, clock, lambda_context)
+    assert len(aws.emr.list_clusters()["Clusters"]) == 1 and alerts(aws)[0]["state"] == "BLOCKED"
+
+    # When its step has ended and the cluster only winds down (still RUNNING for EMR), the next pass starts the run
+    [step] = emr_backends[DEFAULT_ACCOUNT_ID][REGION].clusters[other].steps
+    step.state = "COMPLETED"
+    clock.advance(301)
+    assert reconcile(job_state, lambda_context)["next"] == "started"
+    assert len(aws.emr.list_clusters()["Clusters"]) == 2 and active_job(aws) != other
 
 
 def test_missing_configuration_names_the_variable(aws):

@@ -40,6 +40,8 @@ def test_a_batch_of_uploads_starts_one_run_of_the_whole_job(aws, trigger, clock,
     assert args[args.index("--input") + 1] == f"s3://{BUCKET}/images/"
     assert args[args.index("--output") + 1] == f"s3://{BUCKET}/results/"
     assert "--manifest" not in args and not any("images/Apple" in a for a in args)
+    # ... told which launch it is (its run markers are this run's; others' are of dead runs)
+    assert args[args.index("--launch-id") + 1] == state_item(aws)["run"]["M"]["run_id"]["S"] == job["name"]
     # ... with the job, its runtime and the weights of the deployed version (JobArtifacts' content-keyed folders)
     env = aws.env
     assert args[args.index("--weights") + 1] == env["WEIGHTS_URI"]
