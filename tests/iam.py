@@ -113,12 +113,17 @@ def _emr_serverless(method: str, path: str, body: str) -> list:
         return found
     if method == "GET" and len(parts) == 4:
         return [("emr-serverless:GetJobRun", f"{app}/jobruns/{parts[3]}", {})]
+    if method == "DELETE" and len(parts) == 4:
+        return [("emr-serverless:CancelJobRun", f"{app}/jobruns/{parts[3]}", {})]
     if method == "GET" and len(parts) == 3:
         return [("emr-serverless:ListJobRuns", app, {})]
     return [(f"emr-serverless:{method} {path}", app, {})]
 
 
 def _emr(action: str, doc: dict) -> list:
+    if "JobFlowIds" in doc:  # TerminateJobFlows: authorized on each cluster
+        cluster = f"arn:aws:elasticmapreduce:{REGION}:{ACCOUNT}:cluster/%s"
+        return [(f"elasticmapreduce:{action}", cluster % c, {}) for c in doc["JobFlowIds"]]
     if "ClusterId" in doc:
         return [
             (

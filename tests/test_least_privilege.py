@@ -15,7 +15,7 @@ import pytest
 
 from tests.iam import ACCOUNT, Call, allows, recorded_calls
 from tests.job.images import make_tree
-from tests.lambdas.conftest import BUCKET, Clock, load, s3_record, serverless_state, sqs_event
+from tests.lambdas.conftest import BUCKET, Clock, load, s3_record, serverless_state, set_job_state, sqs_event
 from tests.lambdas.stack import create_stack
 from tests.template.cfn import ENGINES, policies, stack_values
 
@@ -95,7 +95,8 @@ def test_the_serverless_flow_needs_nothing_the_template_does_not_grant(recorder,
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     # When the whole flow runs: uploads and a malformed message, a tick, a failed run and its alert, the
-    # schedule's retry, the job, a lost success event settled by the schedule, a second job, the daily pass
+    # schedule's retry, the job, a lost success event settled by the schedule, a second job, the daily pass, and a
+    # third run that EMR keeps running past its timeout: cancelled, then settled by the schedule
     trigger.lambda_handler(sqs_event(["not json", {"Records": [s3_record("images/Kiwi/0.jpg", at=clock.now)]}]),
                            lambda_context)  # fmt: skip
     clock.advance(61)
@@ -109,6 +110,16 @@ def test_the_serverless_flow_needs_nothing_the_template_does_not_grant(recorder,
     stack.s3.delete_object(Bucket=BUCKET, Key="images/Apple/1.jpg")
     job_state.lambda_handler({"action": "daily"}, lambda_context)
     run_the_job()
+    job_state.lambda_handler({"action": "reconcile"}, lambda_context)  # settled; its report read
+    stack.s3.delete_object(Bucket=BUCKET, Key="images/Kiwi/0.jpg")
+    trigger.lambda_handler(sqs_event([{"Records": [s3_record("images/Kiwi/0.jpg", "ObjectRemoved:Delete",
+                                                             at=clock.now)]}]), lambda_context)  # fmt: skip
+    clock.advance(61)
+    trigger.lambda_handler(sqs_event([{"image-features": "tick"}]), lambda_context)
+    set_job_state(stack, job_state.PIPELINE.state.read().run.job_id, "RUNNING")
+    clock.advance(180 * 60 + 901)
+    job_state.lambda_handler({"action": "reconcile"}, lambda_context)  # cancelled
+    job_state.lambda_handler({"action": "reconcile"}, lambda_context)  # settled from EMR (moto: CANCELLED at once)
 
     # Then every call each role made is allowed by its policies in template.yaml
     calls = recorded_calls(recorder, KEYS)
@@ -116,8 +127,10 @@ def test_the_serverless_flow_needs_nothing_the_template_does_not_grant(recorder,
     assert made == {"trigger", "job_state", "job"}
     actions = {c.action for c in calls}
     assert {"sqs:SendMessage", "sns:Publish", "emr-serverless:StartJobRun", "emr-serverless:GetJobRun",
-            "iam:PassRole", "dynamodb:UpdateItem", "s3:ListBucket", "s3:GetObject", "s3:PutObject",
-            "s3:DeleteObject", "glue:CreateTable", "glue:UpdateTable"} <= actions  # fmt: skip
+            "emr-serverless:ListJobRuns", "emr-serverless:CancelJobRun", "iam:PassRole", "dynamodb:UpdateItem",
+            "s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "glue:CreateTable",
+            "glue:UpdateTable"} <= actions  # fmt: skip
+    assert job_state.PIPELINE.state.read().last_run["state"] == "CANCELLED"
     granted = stack_policies(stack, 0)
     check(calls, granted)
 
@@ -135,6 +148,10 @@ def test_the_serverless_flow_needs_nothing_the_template_does_not_grant(recorder,
         Call("job_state", "emr-serverless:StartJobRun",
              f"arn:aws:emr-serverless:eu-west-3:{ACCOUNT}:/applications/other"),
         Call("job_state", "sqs:SendMessage", f"arn:aws:sqs:eu-west-3:{ACCOUNT}:uploads"),
+        Call("trigger", "emr-serverless:CancelJobRun",  # only the reconciler cancels
+             f"arn:aws:emr-serverless:eu-west-3:{ACCOUNT}:/applications/{stack.app_id}/jobruns/x"),
+        Call("job_state", "emr-serverless:CancelJobRun",
+             f"arn:aws:emr-serverless:eu-west-3:{ACCOUNT}:/applications/other/jobruns/x"),
     ]  # fmt: skip
     assert [c.describe() for c in outside if allows(granted[c.principal], c)] == []
 
@@ -149,13 +166,23 @@ def test_the_ec2_flow_needs_nothing_the_template_does_not_grant(recorder, monkey
     as_principal(monkeypatch, "job_state")
     job_state = load("job_state.app")
 
+    clock = Clock(trigger.PIPELINE.state.clock())
+    trigger.PIPELINE.state.clock = job_state.PIPELINE.state.clock = clock
+
     trigger.lambda_handler(sqs_event([{"Records": [s3_record("images/Kiwi/0.jpg")]}]), lambda_context)
+    job_state.lambda_handler({"action": "reconcile"}, lambda_context)
+    clock.advance(180 * 60 + 901)  # past its timeout: its cluster is terminated, then the run settled
+    job_state.lambda_handler({"action": "reconcile"}, lambda_context)
     job_state.lambda_handler({"action": "reconcile"}, lambda_context)
 
     calls = recorded_calls(recorder, KEYS)
     assert {"elasticmapreduce:RunJobFlow", "elasticmapreduce:ListClusters", "elasticmapreduce:ListSteps",
-            "iam:PassRole"} <= {c.action for c in calls}  # fmt: skip
-    check(calls, stack_policies(stack, 1))
+            "elasticmapreduce:TerminateJobFlows", "iam:PassRole"} <= {c.action for c in calls}  # fmt: skip
+    granted = stack_policies(stack, 1)
+    check(calls, granted)
+    assert job_state.PIPELINE.state.read().run is None  # settled
+    cluster = f"arn:aws:elasticmapreduce:eu-west-3:{ACCOUNT}:cluster/j-1"
+    assert not allows(granted["trigger"], Call("trigger", "elasticmapreduce:TerminateJobFlows", cluster))  # reconciler
     assert json.dumps(sorted({c.principal for c in calls})) == '["job_state", "trigger"]'
 
 

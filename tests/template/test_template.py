@@ -310,6 +310,8 @@ START = {
             "elasticmapreduce:DescribeCluster", "elasticmapreduce:ListSteps",
             "elasticmapreduce:PutAutoTerminationPolicy", "iam:CreateServiceLinkedRole", "iam:PutRolePolicy"},
 }  # fmt: skip
+# Only the reconciler (JobStateFunction) cancels a run past its timeout
+CANCEL = {"serverless": {"emr-serverless:CancelJobRun"}, "ec2": {"elasticmapreduce:TerminateJobFlows"}}
 
 
 @pytest.mark.parametrize("engine", ["serverless", "ec2"])
@@ -320,7 +322,7 @@ def test_each_function_holds_only_the_actions_it_calls(engine):
         f: {a for s in statements[f] for a in as_list(s["Action"])} for f in ("TriggerFunction", "JobStateFunction")
     }
     assert granted["TriggerFunction"] == COMMON | START[engine] | {"sqs:SendMessage"}  # ticks, dead letters
-    assert granted["JobStateFunction"] == COMMON | START[engine] | {"s3:GetObject"}  # the published report
+    assert granted["JobStateFunction"] == COMMON | START[engine] | CANCEL[engine] | {"s3:GetObject"}  # the report
 
 
 # --- wiring ------------------------------------------------------------------------------------------
