@@ -326,16 +326,22 @@ def _cleanup_after(p: Pipeline, state: State) -> tuple:
     snapshots go (the published report's maintenance.cleanup_due_at), or None. A report that cannot be read never
     fails the settle: a cleanup run is guessed CLEANUP_GUESS_S later; if that run cannot read it either, guessing
     stops (else one run per guess, forever) and a person is told."""
-    s = p.settings
+    s, run = p.settings, state.run
     try:
         report = published_report(p.s3, s.bucket, s.results_prefix)
         due = ((report or {}).get("maintenance") or {}).get("cleanup_due_at")
-        return (_epoch(due) if due else None), False, None
+        due = _epoch(due) if due else None
+        if due is not None and due <= (run.started_at or run.claimed_at):
+            # It started after the time and still says it is due: a run at once would do the same, pass after pass
+            logger.warning("the settled run left a cleanup that was due before it started", extra={"due_at": due})
+            count("CleanupDueRepeated")
+            due = math.ceil(p.state.clock() + CLEANUP_GUESS_S)
+        return due, False, None
     except Exception:
         logger.exception("the published report could not be read as the run settled; guessing the cleanup")
         count("CleanupDueUnreadable")
     if state.cleanup_guessed:
-        return None, False, _alert("erasure cleanup cannot be scheduled", state.run, "REPORT_UNREADABLE",
+        return None, False, _alert("erasure cleanup cannot be scheduled", run, "REPORT_UNREADABLE",
                                    f"{s.results_prefix}report.json could not be read after two successful runs in a "
                                    "row, so files of superseded snapshots may outlive the erasure bound; the daily "
                                    "pass still runs; see docs/DEPLOY.md, Operations")  # fmt: skip

@@ -645,6 +645,23 @@ def test_a_due_cleanup_starts_one_run_at_its_time_without_waiting_for_uploads(aw
     assert reconcile(job_state, lambda_context)["next"] == "clean" and len(job_runs(aws)) == 2
 
 
+def test_a_cleanup_still_due_after_a_run_that_started_later_waits_instead_of_looping(aws, trigger, job_state, clock,
+                                                                                     lambda_context):  # fmt: skip
+    from pipeline.control import CLEANUP_GUESS_S
+
+    from tests.lambdas.conftest import iso
+
+    # Given a run that started after the cleanup was due, and whose report says it is still due
+    put_image(aws)
+    upload(trigger, clock, lambda_context)
+    clock.advance(600)
+    succeed_with_report(aws, job_state, lambda_context, cleanup_due_at=iso(clock.now - 3600))
+
+    # Then the next cleanup run waits CLEANUP_GUESS_S (not one run per reconcile pass)
+    assert int(state_item(aws)["cleanup_at"]["N"]) == math.ceil(clock.now + CLEANUP_GUESS_S)
+    assert reconcile(job_state, lambda_context)["next"] == "clean"
+
+
 @pytest.mark.parametrize("unreadable", ["denied", "not json", "bad time"])
 def test_an_unreadable_report_still_gets_a_cleanup_run_within_the_bound(aws, trigger, job_state, clock,
                                                                         lambda_context, unreadable):  # fmt: skip
