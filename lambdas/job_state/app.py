@@ -1,5 +1,6 @@
 """Job state and schedule: EMR says a run ended -> settle it once, start the next; the schedule reconciles
-(every few minutes) and marks the pipeline dirty (once a day)."""
+(every few minutes: lost end events, unconfirmed starts, runs past their timeout, due erasure cleanups) and marks
+the pipeline dirty (once a day)."""
 
 from __future__ import annotations
 

@@ -219,10 +219,10 @@ def _unconfirmed(p: Pipeline, run: Run) -> Started:
 
 def _fail_start(p: Pipeline, run: Run, state: str, detail: str, reason: str) -> Started:
     """No job exists for the run: end it as a failed attempt (back-off, attempts, give-up, one alert)."""
-    now = p.state.read()
-    if now.run is None or now.run.run_id != run.run_id:
+    current = p.state.read()
+    if current.run is None or current.run.run_id != run.run_id:
         return Started("raced", run.run_id)
-    _end(p, now, JobOutcome(p.launcher.engine, run.job_id, False, state, detail))
+    _end(p, current, JobOutcome(p.launcher.engine, run.job_id, False, state, detail))
     return Started(reason, run.run_id)
 
 
