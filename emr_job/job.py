@@ -3,14 +3,13 @@ gone, refit PCA, and publish every table at once (emr_job/store.py). Safe to rep
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from types import SimpleNamespace
@@ -43,6 +42,8 @@ from emr_job.pca import (
 )
 from emr_job.plan import Plan, make_plan
 from emr_job.store import (
+    TABLE_NAMES,
+    CommitError,
     Results,
     RunCommit,
     TableChange,
@@ -58,7 +59,8 @@ FILE_TASKS_SCHEMA = "file string, deleted array<long>"
 FILE_TASKS_ARROW = pa.schema([("file", pa.string()), ("deleted", pa.list_(pa.int64()))])
 SMALL_FILES_TO_COMPACT = 16  # more data files than this under ROWS_PER_FILE / 4 rows are merged
 NO_LABEL = "(no label folder)"  # failures of files directly under the input
-CLOCK: Callable[[], float] = time.time  # tests move it to age deletes and snapshots
+CLEANUP_MARGIN_S = 60  # past the snapshot window, so the cleanup run finds the snapshots expirable
+CLOCK: Callable[[], float] = time.time  # tests move it to age snapshots and files
 
 
 @dataclass
@@ -70,8 +72,11 @@ class JobConfig:
     k: Optional[int] = None
     batch_size: int = 32
     io_threads: int = 8
-    compact_after_hours: float = 12.0  # erased rows leave the table files at the first run after this
-    keep_snapshots_hours: float = 1.0  # older snapshots (and the files only they reach) are removed
+    # Superseded snapshots (and the files only they reach) live this long for readers in mid-query; then the
+    # next run deletes them. A run that erased rows records when that is due (report.json's maintenance
+    # cleanup_due_at) and the pipeline starts one then, so erased rows leave every file within the hour.
+    keep_snapshots_hours: float = 0.5
+    launch_id: Optional[str] = None  # the pipeline run that launched this job (markers of earlier ones are dead)
     glue_database: Optional[str] = None  # Glue database whose tables follow the published ones
     engine: str = "onnx"  # what runs the network: "onnx" (ONNX Runtime) or "tensorflow" (the reference)
     # Work this small runs in the driver: a Spark job costs seconds to start (JVM, Python workers) on any
@@ -98,100 +103,200 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
+# --- one run, as its stages -------------------------------------------------------------------------------
+@dataclass
+class RunContext:
+    """What the stages of one run share. Each stage reads what earlier ones set and adds its own part."""
+
+    cfg: JobConfig
+    log: Callable
+    run_id: str
+    timer: Timer
+    results: Results  # the published state the run started from
+    weights: object
+    files: list  # the published features table's data files (store.LiveFile)
+    plan: Plan
+    session: Optional[Callable] = None
+    fail_at: Optional[str] = None
+    compact: bool = False  # small files to merge, or position deletes left by an older version of the job
+    commit: Optional[RunCommit] = None
+    spark: object = None
+    network: object = None  # future of the network's payload, prepared while the JVM starts
+    status: list = field(default_factory=list)  # the featurize tasks' rows: files written, failures, vanished
+    live: list = field(default_factory=list)  # features data files once this run's change is applied
+    report: dict = field(default_factory=dict)
+    failure_rows: list = field(default_factory=list)  # the failures table as this run publishes it
+    run_files: dict = field(default_factory=dict)  # name -> bytes, under runs/<run_id>/
+
+    def step(self, name: str) -> None:
+        if self.fail_at == name:
+            raise RuntimeError(f"injected failure at step {name!r}")
+
+
 def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) -> dict:
     """One reconciliation of the output with the input. Returns the published report, or the previous one
     (with "published": False) when nothing changed. session: a function returning the SparkSession, called
     only if there is work for Spark. fail_at: a step name where tests inject a crash."""
-    timer = Timer()
-    results = Results(cfg.output)
-    run_id = new_run_id()
-    weights = model.resolve_weights(cfg.weights, tempfile.mkdtemp(prefix="emr_job-"))
-    files = live_files(results.table("features"))
-    store_index = read_live(files, ["path", "version", "weights"])
-    listing, ignored = storage.list_images(cfg.input)
-    plan = make_plan(listing, ignored, store_index, files, results.read("failures"), weights.fingerprint)
-    plan.inputs = _listed_inputs(cfg.input, listing)
-    timer.lap("plan")
-    log(f"{plan.featurize.num_rows} images to featurize, {plan.reused} unchanged in the store, "
-        f"{plan.removed} removed")  # fmt: skip
-    compact = _compaction(cfg, results, files, plan)
-    if results.report is not None and not plan.changes and not compact:
-        removed = remove_orphans(results, grace_s=_grace(cfg))
-        log(f"nothing changed since run {results.report['run_id'] if results.report else '-'}; nothing published")
-        previous = dict(results.report or {})
-        if plan.inputs and previous.get("inputs") != plan.inputs:
-            previous = _stamp_inputs(results, previous, plan.inputs, log)
-        catalog = _sync_catalog(cfg, log)
-        return {**previous, "published": False, "orphans_removed": removed, "timings_s": timer.total(), **catalog}
-
-    marker = mark_running(results, run_id)
+    ctx = plan(cfg, log, session, fail_at)
+    if ctx.results.report is not None and not ctx.plan.changes and not ctx.compact:
+        return idle(ctx)
+    marker = mark_running(ctx.results, ctx.run_id, cfg.launch_id)
     try:
-        return _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, files, plan, compact)
+        featurize(ctx)
+        commit_features(ctx)
+        fit(ctx)
+        publish(ctx)
+        return clean(ctx)
     finally:
         storage.delete_files([marker])
 
 
-def _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, files, plan, compact) -> dict:
-    """The part of a run that writes: featurize, commit each table, publish, clean up."""
-    network, spark = None, None
-    featurize_here = plan.featurize.num_rows <= cfg.driver_max_images
-    tables_here = plan.reused + plan.featurize.num_rows <= cfg.driver_max_rows  # PCA passes, compaction
+def plan(cfg: JobConfig, log, session=None, fail_at: Optional[str] = None) -> RunContext:
+    """List the input, read the published store, and decide what to featurize and what to drop."""
+    timer = Timer()
+    results = Results(cfg.output)
+    weights = model.resolve_weights(cfg.weights, tempfile.mkdtemp(prefix="emr_job-"))
+    files = live_files(results.table("features"))
+    store_index = read_live(files, ["path", "version", "weights"])
+    listing, ignored = storage.list_images(cfg.input)
+    made = make_plan(listing, ignored, store_index, files, results.read("failures"), weights.fingerprint)
+    made.inputs = _listed_inputs(cfg.input, listing)
+    timer.lap("plan")
+    log(f"{made.featurize.num_rows} images to featurize, {made.reused} unchanged in the store, "
+        f"{made.removed} removed")  # fmt: skip
+    ctx = RunContext(cfg, log, new_run_id(), timer, results, weights, files, made, session, fail_at)
+    ctx.compact = any(len(f.deleted) for f in files) or (
+        sum(f.rows - len(f.deleted) < ROWS_PER_FILE // 4 for f in files) > SMALL_FILES_TO_COMPACT
+    )
+    return ctx
+
+
+def idle(ctx: RunContext) -> dict:
+    """Nothing changed: publish no results, but expire old snapshots (their files may hold erased rows), delete
+    what nothing reaches any more, and keep report.json's bookkeeping (inputs digest, cleanup time) current."""
+    cfg, previous = ctx.cfg, dict(ctx.results.report)
+    ctx.log(f"nothing changed since run {previous['run_id']}; no new results")
+    commit = _new_commit(ctx)
+    marker = None
+    if any(_expirable(commit, name) for name in TABLE_NAMES):
+        marker = mark_running(ctx.results, ctx.run_id, cfg.launch_id)  # its new metadata files are not orphans
+    try:
+        expired = sum(commit.expire(name) for name in TABLE_NAMES) if marker else 0
+        maintenance = {**(previous.get("maintenance") or {}), "snapshots_expired": expired}
+        maintenance["cleanup_due_at"] = _cleanup_due(cfg, commit, erased=False,
+                                                     pending=bool(maintenance.get("cleanup_due_at")))  # fmt: skip
+        updated = {**previous, "maintenance": maintenance}
+        if ctx.plan.inputs:
+            updated["inputs"] = ctx.plan.inputs  # a report from before inputs digests, on a store that matches
+        if commit.tables or _bookkeeping(updated) != _bookkeeping(previous):
+            try:
+                previous = commit.publish(updated)
+                ctx.log(f"report.json updated: {expired} old snapshots expired, cleanup due "
+                        f"{maintenance['cleanup_due_at'] or 'never'}")  # fmt: skip
+            except CommitError:
+                ctx.log("another run published meanwhile; it did this run's bookkeeping")
+        removed = remove_orphans(cfg.output, grace_s=_grace(cfg), run_id=ctx.run_id, launch_id=cfg.launch_id,
+                                 clock=CLOCK)  # fmt: skip
+    finally:
+        if marker:
+            storage.delete_files([marker])
+    return {**previous, "published": False, "orphans_removed": removed, "timings_s": ctx.timer.total(),
+            **_sync_catalog(cfg, ctx.log)}  # fmt: skip
+
+
+def featurize(ctx: RunContext) -> None:
+    """Start what the work needs (Spark only past the driver's limits) and run the model over the new images."""
+    cfg, made = ctx.cfg, ctx.plan
+    featurize_here = made.featurize.num_rows <= cfg.driver_max_images
+    tables_here = made.reused + made.featurize.num_rows <= cfg.driver_max_rows  # PCA passes, rewrites
     with ThreadPoolExecutor(1) as pool:
-        if plan.featurize.num_rows:  # the network is prepared in the background while the JVM starts
-            network = pool.submit(model.payload, weights, cfg.engine)
+        if made.featurize.num_rows:  # the network is prepared in the background while the JVM starts
+            ctx.network = pool.submit(model.payload, ctx.weights, cfg.engine)
         if not (featurize_here and tables_here):
-            spark = session() if session else _local_session()
-        timer.lap("start")
-        commit = RunCommit(results, run_id, keep_snapshots_s=cfg.keep_snapshots_hours * 3600)
-        _step(fail_at, "start")
-        status = _featurize(None if featurize_here else spark, cfg, plan, weights, network, commit, run_id, timer)
-        spark = None if tables_here else spark
-    new_files = [r["path"] for r in status if r["status"] == FILE]
-    new_failures = [r for r in status if r["status"] == FAILED]
-    gone = sum(r["status"] == GONE for r in status)
-    featurized = sum(r["count"] for r in status if r["status"] == FILE)
-    _step(fail_at, "featurized")
+            ctx.spark = ctx.session() if ctx.session else _local_session()
+        ctx.timer.lap("start")
+        ctx.commit = _new_commit(ctx)
+        ctx.step("start")
+        spark = ctx.spark
+        ctx.spark = None if featurize_here else spark
+        ctx.status = _featurize(ctx)
+        ctx.spark = None if tables_here else spark
+    ctx.step("featurized")
 
-    change = TableChange(added=new_files, deletes=dict(plan.deletes))
-    live = _live_after(files, change)
-    for old in files:  # files whose every row goes are dropped, not masked
-        if old.path in change.deletes and len(np.union1d(old.deleted, change.deletes[old.path])) == old.rows:
-            change.removed.add(old.path)
-            del change.deletes[old.path]
-    maintenance = dict((results.report or {}).get("maintenance") or {})
-    if compact:
-        live = _compact(spark, commit, run_id, live, change, files)
-        maintenance["compacted_at"] = _iso(CLOCK())
-        maintenance["oldest_uncompacted_delete"] = None
-    elif change.deletes and not maintenance.get("oldest_uncompacted_delete"):
-        maintenance["oldest_uncompacted_delete"] = _iso(CLOCK())
-    if change.added or change.deletes or change.removed:
-        commit.apply("features", change)
-    timer.lap("write")
-    _step(fail_at, "features")
 
-    n_ok = plan.reused + featurized
-    failure_rows = plan.kept_failures.to_pylist() + [
+def commit_features(ctx: RunContext) -> None:
+    """Stage the features snapshot: new files in; every file holding a row that goes rewritten without it
+    (copy-on-write: an erased image leaves the current files in this run); small files merged if due."""
+    new_files = [r["path"] for r in ctx.status if r["status"] == FILE]
+    drops = {f.path: np.union1d(f.deleted, ctx.plan.deletes.get(f.path, [])).astype(np.int64) for f in ctx.files}
+    change = TableChange(added=new_files)
+    rewrite = []
+    for f in ctx.files:
+        if len(drops[f.path]) == f.rows:
+            change.removed.add(f.path)  # every row goes: dropped, not rewritten
+        elif len(drops[f.path]) or (ctx.compact and f.rows - len(drops[f.path]) < ROWS_PER_FILE // 4):
+            rewrite.append((f.path, drops[f.path], f.rows - len(drops[f.path])))
+    written = rewrite_features(ctx.spark, ctx.commit, ctx.run_id, rewrite)
+    change.added += written
+    change.removed |= {path for path, _, _ in rewrite} | {d for f in ctx.files for d in f.delete_files}
+    kept = [f.path for f in ctx.files if f.path not in change.removed]
+    ctx.live = kept + change.added
+    maintenance = dict((ctx.results.report or {}).get("maintenance") or {})
+    maintenance.pop("oldest_uncompacted_delete", None)  # written by versions that masked rows for a while
+    if rewrite:
+        maintenance["rewritten_at"] = _iso(CLOCK())
+    ctx.report["maintenance"] = maintenance
+    ctx.report["rows_rewritten"] = int(sum(n for _, _, n in rewrite))
+    ctx.report["files_rewritten"] = len(rewrite)
+    if change.added or change.removed:
+        ctx.commit.apply("features", change)
+    ctx.timer.lap("write")
+    ctx.step("features")
+
+
+def rewrite_features(spark, commit: RunCommit, run_id: str, rewrite: list) -> list:
+    """Data files -> new files with only the rows kept (rewrite: (path, positions dropped, rows kept)), merged
+    into files of up to ROWS_PER_FILE rows; returns their paths. In Spark tasks, or here when spark is None."""
+    if not rewrite:
+        return []
+    schema = arrow_schema("features")
+    data_dir = storage.join(commit.results.table_location("features"), "data")
+    body = partial(rewrite_files, data_dir=data_dir, run_id=f"{run_id}-rewrite", schema=schema)
+    slices = max(1, math.ceil(sum(n for _, _, n in rewrite) / ROWS_PER_FILE))
+    rows = [{"file": path, "deleted": [int(p) for p in dropped]} for path, dropped, _ in rewrite]
+    written = _map(spark, rows, FILE_TASKS_ARROW, FILE_TASKS_SCHEMA, body, FILE_ROWS_SCHEMA,
+                   lambda frame: frame.coalesce(slices))  # fmt: skip
+    return [r["path"] for r in written]
+
+
+def fit(ctx: RunContext) -> None:
+    """Refit PCA on every live feature row, stage the pca table, and assemble the run's report."""
+    cfg, made = ctx.cfg, ctx.plan
+    new_failures = [r for r in ctx.status if r["status"] == FAILED]
+    featurized = sum(r["count"] for r in ctx.status if r["status"] == FILE)
+    gone = sum(r["status"] == GONE for r in ctx.status)
+    n_ok = made.reused + featurized
+    failure_rows = made.kept_failures.to_pylist() + [
         {"path": r["path"], "label": r["label"], "reason": r["reason"], "version": r["version"]} for r in new_failures
     ]
-    rpt = {
-        "run_id": run_id,
+    ctx.report = {
+        "run_id": ctx.run_id,
         "finished_at": None,
         "input": storage.normalize(cfg.input),
-        "output": results.root,
-        "weights": weights.description,
-        "weights_fingerprint": weights.fingerprint,
+        "output": ctx.results.root,
+        "weights": ctx.weights.description,
+        "weights_fingerprint": ctx.weights.fingerprint,
         "engine": model.describe(cfg.engine),
         "images_total": n_ok + len(failure_rows),
         "images_ok": n_ok,
         "images_failed": len(failure_rows),
         "images_featurized": featurized,
         "images_failed_this_run": len(new_failures),
-        "images_reused": plan.reused,
-        "images_removed": plan.removed + gone,
-        "images_recomputed_for_new_weights": plan.restale,
-        "files_ignored": plan.ignored,
-        "inputs": plan.inputs,
+        "images_reused": made.reused,
+        "images_removed": made.removed + gone,
+        "images_recomputed_for_new_weights": made.restale,
+        "files_ignored": made.ignored,
+        "inputs": made.inputs,
         "failures_by_reason": dict(Counter(r["reason"].split(":")[0] for r in failure_rows)),
         "variance_target": cfg.variance if cfg.k is None else None,
         "k": None,
@@ -201,38 +306,79 @@ def _reconcile(cfg, log, session, fail_at, timer, results, run_id, weights, file
         "quality": None,
         "labels": {},
         "plots": [],
-        "maintenance": maintenance,
+        **ctx.report,  # what commit_features recorded
     }
-    run_files, ok_by_label = _pca(spark, cfg, commit, run_id, live, rpt, n_ok, weights, log)
+    ctx.failure_rows = failure_rows
+    ctx.run_files, ok_by_label = _pca(ctx, n_ok)
     failed_by_label = Counter(r["label"] or NO_LABEL for r in failure_rows)
-    rpt["labels"] = {name: {"images": ok_by_label.get(name, 0), "failed": failed_by_label.get(name, 0)}
-                     for name in sorted(set(ok_by_label) | set(failed_by_label))}  # fmt: skip
-    timer.lap("pca")
-    _step(fail_at, "pca")
+    ctx.report["labels"] = {name: {"images": ok_by_label.get(name, 0), "failed": failed_by_label.get(name, 0)}
+                            for name in sorted(set(ok_by_label) | set(failed_by_label))}  # fmt: skip
+    ctx.timer.lap("pca")
+    ctx.step("pca")
 
+
+def publish(ctx: RunContext) -> None:
+    """Stage the failures, write the run's folder, and swap report.json: every table at once, or nothing."""
+    commit, rpt = ctx.commit, ctx.report
     failures_files = []
-    if failure_rows:  # an empty table has no data file at all
+    if ctx.failure_rows:  # an empty table has no data file at all
         failures_files.append(commit.data_file_path("failures", "0"))
-        storage.write_parquet(failures_files[0], pa.Table.from_pylist(failure_rows, schema=arrow_schema("failures")))
+        storage.write_parquet(failures_files[0], pa.Table.from_pylist(ctx.failure_rows,
+                                                                      schema=arrow_schema("failures")))  # fmt: skip
     commit.apply("failures", TableChange(added=failures_files, replace_all=True))
-    _step(fail_at, "failures")
+    ctx.step("failures")
 
-    rpt["plots"] = [f"runs/{run_id}/{name}" for name in sorted(run_files) if name.endswith(".png")]
-    rpt["model"] = f"runs/{run_id}/{fitted.MODEL_JSON}" if fitted.MODEL_JSON in run_files else None
-    rpt["html"] = f"runs/{run_id}/report.html"
-    rpt["timings_s"] = timer.total()
-    rpt["images_per_second"] = round(featurized / max(timer.stages.get("featurize", 0.0), 1e-9), 2)
+    erased = rpt["images_removed"] > 0
+    pending = bool(rpt["maintenance"].get("cleanup_due_at"))
+    rpt["maintenance"]["cleanup_due_at"] = _cleanup_due(ctx.cfg, commit, erased=erased, pending=pending)
+    rpt["maintenance"]["snapshots_expired"] = commit.expired
+    rpt["plots"] = [f"runs/{ctx.run_id}/{name}" for name in sorted(ctx.run_files) if name.endswith(".png")]
+    rpt["model"] = f"runs/{ctx.run_id}/{fitted.MODEL_JSON}" if fitted.MODEL_JSON in ctx.run_files else None
+    rpt["html"] = f"runs/{ctx.run_id}/report.html"
+    rpt["timings_s"] = ctx.timer.total()
+    rpt["images_per_second"] = round(rpt["images_featurized"] / max(ctx.timer.stages.get("featurize", 0.0), 1e-9), 2)
     rpt["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    run_files["report.html"] = report.html(rpt, run_files, failure_rows)
-    run_dir = storage.join(results.root, "runs", run_id)
+    ctx.run_files["report.html"] = report.html(rpt, ctx.run_files, ctx.failure_rows)
+    run_dir = storage.join(ctx.results.root, "runs", ctx.run_id)
     with ThreadPoolExecutor(8) as pool:  # written before the swap: published with the tables, or orphaned
         list(pool.map(lambda kv: storage.write_bytes(storage.join(run_dir, kv[0]), kv[1], _content_type(kv[0])),
-                      run_files.items()))  # fmt: skip
-    _step(fail_at, "publish")
-    published = commit.publish(rpt)
-    _step(fail_at, "published")
-    published["maintenance"]["orphans_removed"] = remove_orphans(Results(cfg.output), grace_s=_grace(cfg))
-    return {**published, "published": True, **_sync_catalog(cfg, log)}
+                      ctx.run_files.items()))  # fmt: skip
+    ctx.step("publish")
+    ctx.report = commit.publish(rpt)
+    ctx.step("published")
+
+
+def clean(ctx: RunContext) -> dict:
+    """After the swap: delete what the published state no longer reaches, and bring the Glue tables along."""
+    cfg = ctx.cfg
+    ctx.report["maintenance"]["orphans_removed"] = remove_orphans(
+        cfg.output, grace_s=_grace(cfg), run_id=ctx.run_id, launch_id=cfg.launch_id, clock=CLOCK
+    )
+    return {**ctx.report, "published": True, **_sync_catalog(cfg, ctx.log)}
+
+
+def _new_commit(ctx: RunContext) -> RunCommit:
+    return RunCommit(ctx.results, ctx.run_id, keep_snapshots_s=ctx.cfg.keep_snapshots_hours * 3600, clock=CLOCK)
+
+
+def _expirable(commit: RunCommit, name: str) -> bool:
+    table = commit.results.table(name)
+    cutoff_ms = (CLOCK() - commit.keep_snapshots_s) * 1000
+    return table is not None and any(s.timestamp_ms < cutoff_ms and s.snapshot_id != table.metadata.current_snapshot_id
+                                     for s in table.metadata.snapshots)  # fmt: skip
+
+
+def _cleanup_due(cfg: JobConfig, commit: RunCommit, erased: bool, pending: bool) -> Optional[str]:
+    """When a run must start to delete the files of superseded snapshots that may hold erased rows: once the
+    newest of them is older than keep_snapshots_hours. None when nothing erased waits in an old snapshot."""
+    if not (erased or pending):
+        return None
+    newest = commit.superseded_since()
+    return None if newest is None else _iso(newest + cfg.keep_snapshots_hours * 3600 + CLEANUP_MARGIN_S)
+
+
+def _bookkeeping(rpt: dict) -> tuple:
+    return rpt.get("inputs"), (rpt.get("maintenance") or {}).get("cleanup_due_at")
 
 
 def _listed_inputs(input_root: str, listing: pa.Table) -> Optional[dict]:
@@ -243,18 +389,6 @@ def _listed_inputs(input_root: str, listing: pa.Table) -> Optional[dict]:
     bucket = f"s3://{storage.split_s3_uri(root)[0]}/"
     keys = (path[len(bucket) :] for path in listing.column("path").to_pylist())
     return inputs_digest(zip(keys, listing.column("version").to_pylist(), listing.column("size").to_pylist()))
-
-
-def _stamp_inputs(results: Results, previous: dict, inputs: dict, log) -> dict:
-    """A report from before inputs digests, on a store that matches the listing: record the digest, or the daily
-    pass would start a run that publishes nothing every day. Losing the swap is fine: that run recorded its own."""
-    stamped = {**previous, "inputs": inputs}
-    try:
-        storage.write_if(results.report_uri, json.dumps(stamped, indent=2).encode(), results.token)
-    except storage.ConflictError:
-        return previous
-    log("recorded the inputs digest in the published report")
-    return stamped
 
 
 def _sync_catalog(cfg: JobConfig, log) -> dict:
@@ -280,11 +414,6 @@ def _content_type(name: str) -> str:
     )
 
 
-def _step(fail_at: Optional[str], name: str) -> None:
-    if fail_at == name:
-        raise RuntimeError(f"injected failure at step {name!r}")
-
-
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds")
 
@@ -300,24 +429,6 @@ def _local_session():
     return spark_session()
 
 
-def _compaction(cfg: JobConfig, results: Results, files: list, plan: Plan) -> bool:
-    """Rewrite files holding deleted rows once the oldest delete is old enough, or when small files pile up."""
-    oldest = ((results.report or {}).get("maintenance") or {}).get("oldest_uncompacted_delete")
-    if oldest and CLOCK() - datetime.fromisoformat(oldest).timestamp() >= cfg.compact_after_hours * 3600:
-        return True
-    return sum(f.rows - len(f.deleted) < ROWS_PER_FILE // 4 for f in files) > SMALL_FILES_TO_COMPACT
-
-
-def _live_after(files: list, change: TableChange) -> list:
-    """(path, deleted positions) of every data file of the features table once `change` is applied."""
-    live = []
-    for f in files:
-        deleted = np.union1d(f.deleted, change.deletes.get(f.path, np.array([], np.int64))).astype(np.int64)
-        if len(deleted) < f.rows:
-            live.append((f.path, deleted, f.rows))
-    return live + [(path, np.array([], np.int64), None) for path in change.added]
-
-
 def _map(spark, rows: list, schema: pa.Schema, ddl: str, body, out_schema: str, arrange=None) -> list:
     """Apply a mapInArrow body to rows (dicts): in Spark tasks, the frame laid out by `arrange`; or here in the
     driver, as one task, when spark is None. Returns the body's output rows as dicts."""
@@ -329,38 +440,21 @@ def _map(spark, rows: list, schema: pa.Schema, ddl: str, body, out_schema: str, 
     return [r.asDict() for r in frame.mapInArrow(body, out_schema).collect()]
 
 
-def _map_files(spark, live: list, body, out_schema: str, arrange=None) -> list:
-    """_map over feature data files: one row per file, with the positions deleted in it."""
-    rows = [{"file": path, "deleted": [int(p) for p in deleted]} for path, deleted, _ in live]
-    return _map(spark, rows, FILE_TASKS_ARROW, FILE_TASKS_SCHEMA, body, out_schema, arrange)
+def _map_files(spark, paths: list, body, out_schema: str) -> list:
+    """_map over feature data files (all live rows: copy-on-write leaves no deleted positions), one row each."""
+    rows = [{"file": path, "deleted": []} for path in paths]
+    return _map(spark, rows, FILE_TASKS_ARROW, FILE_TASKS_SCHEMA, body, out_schema)
 
 
-def _compact(spark, commit: RunCommit, run_id: str, live: list, change: TableChange, files: list) -> list:
-    """Files with deleted rows, and small files, rewritten into full files without those rows."""
-    old = [(p, d, n) for p, d, n in live if n is not None and (len(d) or n < ROWS_PER_FILE // 4)]
-    if not old:
-        return live
-    schema = arrow_schema("features")
-    data_dir = storage.join(commit.results.table_location("features"), "data")
-    body = partial(rewrite_files, data_dir=data_dir, run_id=f"{run_id}-compact", schema=schema)
-    slices = max(1, math.ceil(sum(n - len(d) for _, d, n in old) / ROWS_PER_FILE))
-    written = _map_files(spark, old, body, FILE_ROWS_SCHEMA, lambda frame: frame.coalesce(slices))
-    rewritten = {p for p, _, _ in old}
-    change.added += [r["path"] for r in written]
-    change.removed |= rewritten
-    change.removed |= {d for f in files for d in f.delete_files}  # every delete now points at a removed file
-    change.deletes = {}
-    return [x for x in live if x[0] not in rewritten] + [(r["path"], np.array([], np.int64), None) for r in written]
-
-
-def _featurize(spark, cfg: JobConfig, plan: Plan, weights, network, commit: RunCommit, run_id: str, timer) -> list:
+def _featurize(ctx: RunContext) -> list:
     """The model pass over the images to (re)compute; returns the tasks' status rows as dicts."""
+    spark, cfg, plan, weights, commit, timer = ctx.spark, ctx.cfg, ctx.plan, ctx.weights, ctx.commit, ctx.timer
     if not plan.featurize.num_rows:
         return []
     slices = task_count(spark, plan.featurize.num_rows, cfg.batch_size) if spark else 1
     if spark and cfg.engine == "tensorflow":  # ONNX Runtime needs no warm-up: its session starts in milliseconds
         warm_workers(spark, cfg.batch_size, min(slices, spark.sparkContext.defaultParallelism))
-    network = network.result()  # prepared meanwhile
+    network = ctx.network.result()  # prepared meanwhile
     timer.lap("load_weights")
     commit.table("features")  # created now if this is the first run
     weights_bc = spark.sparkContext.broadcast(network) if spark else SimpleNamespace(value=network)
@@ -372,7 +466,7 @@ def _featurize(spark, cfg: JobConfig, plan: Plan, weights, network, commit: RunC
         batch_size=cfg.batch_size,
         io_threads=cfg.io_threads,
         data_dir=storage.join(commit.results.table_location("features"), "data"),
-        run_id=run_id,
+        run_id=ctx.run_id,
         schema=arrow_schema("features"),
     )
     # Evenly sized partitions: parallelize() alone slices by 1024-row serialization batches, leaving one task
@@ -385,17 +479,18 @@ def _featurize(spark, cfg: JobConfig, plan: Plan, weights, network, commit: RunC
     return status
 
 
-def _pca(spark, cfg: JobConfig, commit: RunCommit, run_id: str, live: list, rpt: dict, n_ok: int, weights, log):
+def _pca(ctx: RunContext, n_ok: int):
     """Fit PCA on every live feature row, write the projections, update the report (variance, labels, quality);
     returns the run's files (plots, the fitted model) and the rows per label."""
+    spark, cfg, commit, run_id, rpt, weights = ctx.spark, ctx.cfg, ctx.commit, ctx.run_id, ctx.report, ctx.weights
     try:
-        moments = _map_files(spark, live, file_moments, MOMENTS_SCHEMA) if live else []
+        moments = _map_files(spark, ctx.live, file_moments, MOMENTS_SCHEMA) if ctx.live else []
         pca = fit_from_moments(moments, cfg.variance if cfg.k is None else None, cfg.k)
     except PcaError as exc:
         if cfg.k is not None and n_ok >= 2:
             raise  # the user asked for a k this data cannot give
         rpt["pca_skipped"] = str(exc)
-        log(f"PCA skipped: {exc}")
+        ctx.log(f"PCA skipped: {exc}")
         commit.apply("pca", TableChange(replace_all=True))
         return {}, Counter()
     rpt.update(
@@ -409,7 +504,7 @@ def _pca(spark, cfg: JobConfig, commit: RunCommit, run_id: str, live: list, rpt:
         variance_png = pool.submit(report.variance_plot, pca.all_ratios, pca.k, rpt["variance_target"])
         body = partial(file_projection, mean=pca.mean, components=pca.components, data_dir=data_dir,
                        run_id=run_id, schema=schema)  # fmt: skip
-        written = _map_files(spark, live, body, FILE_ROWS_SCHEMA)
+        written = _map_files(spark, ctx.live, body, FILE_ROWS_SCHEMA)
         commit.apply("pca", TableChange(added=[r["path"] for r in written], replace_all=True))
         coords, labels, counts = _sample(written, report.MAX_SCATTER_POINTS)
         loo = quality.loo_accuracy(coords[: quality.MAX_SAMPLE], labels[: quality.MAX_SAMPLE])

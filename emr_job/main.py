@@ -36,11 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     parser.add_argument("--io-threads", type=int, default=8, help="concurrent reads+decodes per task")
     parser.add_argument(
-        "--compact-after-hours", type=float, default=12.0, help="rewrite files holding deleted rows after this"
-    )
-    parser.add_argument(
-        "--keep-snapshots-hours", type=float, default=1.0, help="remove older table snapshots and their files"
-    )
+        "--keep-snapshots-hours", type=float, default=0.5,
+        help="superseded table snapshots (and files only they reach) stay this long for readers (default 0.5)",
+    )  # fmt: skip
+    parser.add_argument("--launch-id", help="the pipeline run that launched this job (set by the pipeline)")
     parser.add_argument("--glue-database", help="Glue database whose tables follow the published ones (on AWS)")
     args = parser.parse_args(argv)
     if args.variance is not None and not 0 < args.variance <= 1:
@@ -77,8 +76,8 @@ def main(argv=None) -> int:
         k=args.k,
         batch_size=args.batch_size,
         io_threads=args.io_threads,
-        compact_after_hours=args.compact_after_hours,
         keep_snapshots_hours=args.keep_snapshots_hours,
+        launch_id=args.launch_id,
         glue_database=args.glue_database,
         engine=args.engine,
     )

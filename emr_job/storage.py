@@ -110,8 +110,9 @@ def label_of(root: str, path: str) -> Optional[str]:
 def list_images(root: str) -> tuple[pa.Table, int]:
     """Every image file under root (by extension, any case) as (path, label, version, size), and the count ignored.
 
-    Versions are S3 ETags, or size:mtime for local files. Arrow columns, not Python objects: a million
-    images stay around 150 MB on the driver."""
+    Versions are S3 ETags, or size:mtime:ctime:inode for local files: `cp -p`, `rsync -t` or `tar x` restore
+    size and mtime, but a new content always gets a new ctime (or inode), which no user call can set. Arrow
+    columns, not Python objects: a million images stay around 150 MB on the driver."""
     root = normalize(root)
     if is_s3(root):
         return _list_s3(root)
@@ -128,13 +129,17 @@ def list_images(root: str) -> tuple[pa.Table, int]:
             try:
                 st = os.stat(path)
                 regular = stat.S_ISREG(st.st_mode)
-                version, size = (f"{st.st_size}:{st.st_mtime_ns}", st.st_size) if regular else ("special", 0)
+                version, size = (local_version(st), st.st_size) if regular else ("special", 0)
             except FileNotFoundError:  # a symbolic link to nothing: listed, so that it is reported
                 version, size = "dangling", 0
             paths.append(path)
             versions.append(version)
             sizes.append(size)
     return _listing(root, paths, versions, sizes), ignored
+
+
+def local_version(st: os.stat_result) -> str:
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
 def _listing(root: str, paths: list, versions: list, sizes: list) -> pa.Table:
@@ -274,15 +279,26 @@ def list_prefix(root: str) -> list:
     return found
 
 
+class DeleteError(OSError):
+    """Some objects could not be deleted (DeleteObjects answers 200 and lists per-key errors)."""
+
+
 def delete_files(uris: list) -> None:
+    """Delete files and objects (absent ones count as deleted). Raises DeleteError naming how many failed and
+    why, never which keys: they may be image paths."""
     s3 = [u for u in uris if is_s3(u)]
+    errors: list = []
     for start in range(0, len(s3), 1000):
         by_bucket: dict = {}
         for uri in s3[start : start + 1000]:
             bucket, key = split_s3_uri(uri)
             by_bucket.setdefault(bucket, []).append({"Key": key})
         for bucket, keys in by_bucket.items():
-            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            answer = s3_client().delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            errors += answer.get("Errors", [])
+    if errors:
+        codes = sorted({e.get("Code", "?") for e in errors})
+        raise DeleteError(f"{len(errors)} of {len(s3)} objects were not deleted ({', '.join(codes)})")
     for uri in uris:
         if not is_s3(uri):
             with contextlib.suppress(FileNotFoundError):

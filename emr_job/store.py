@@ -3,17 +3,18 @@
   <output>/report.json      the published run: its report, and the Iceberg metadata file of each table it wrote
   <output>/tables/<name>/   Iceberg tables (metadata/, data/): features, pca, failures
   <output>/runs/<run_id>/   plots and other files of that run
+  <output>/_running/<id>    one marker per run writing files (its body: the launch id of a pipeline run, if any)
 
-A run writes immutable files only: data files, delete files, manifests and new metadata files that nothing
-points to yet. Then one compare-and-swap of report.json (S3 If-Match, a lock file locally) publishes all
-tables at once. Until then readers see the previous run, whole; a crash anywhere before leaves it as it
-was; a run that loses the swap (another published meanwhile) publishes nothing. Per-table catalogs commit one
-table at a time, which would let a crash publish one run's features beside another's PCA: so catalogs (Glue,
-a local SQL catalog) are projections of report.json, re-synced after each swap, not the commit point.
+A run writes immutable files only: data files, manifests and new metadata files that nothing points to yet.
+Then one compare-and-swap of report.json (S3 If-Match, a lock file locally) publishes all tables at once. Until
+then readers see the previous run, whole; a crash anywhere before leaves it as it was; a run that loses the swap
+(another published meanwhile) publishes nothing. Per-table catalogs commit one table at a time, which would let a
+crash publish one run's features beside another's PCA: so catalogs (Glue, a local SQL catalog) are projections
+of report.json, re-synced after each swap, not the commit point.
 
-Row-level deletes are Iceberg position deletes (merge-on-read): a run that changes 1% of a million images
-writes about 1% of the features' bytes. Compaction later rewrites the data files holding deleted rows, and
-snapshot expiry plus orphan removal delete the old files, so erased rows leave the table files too.
+Rows leave by copy-on-write: a data file holding a row that goes is rewritten without it in the same snapshot,
+so an erased image is in no file of the current snapshot. Older snapshots (a reader in mid-query may still use
+them) expire after keep_snapshots_s, and orphan removal then deletes the files only they reached.
 """
 
 from __future__ import annotations
@@ -24,30 +25,22 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pyiceberg.manifest import (
-    DataFileContent,
-    ManifestContent,
-    ManifestEntry,
-    ManifestEntryStatus,
-    ManifestWriterV2,
-)
-from pyiceberg.table.snapshots import Operation
-from pyiceberg.table.update.snapshot import _SnapshotProducer
 
-from emr_job import storage
+from emr_job import iceberg, storage
 
 TABLE_NAMES = ("features", "pca", "failures")
 FORMAT = 1  # of report.json's "commit" block
-DELETE_FILE_PATH_ID, DELETE_POS_ID = 2147483546, 2147483545  # reserved field ids of the Iceberg spec
 TABLE_PROPERTIES = {
     "format-version": "2",
-    "write.delete.mode": "merge-on-read",
+    "write.delete.mode": "copy-on-write",  # erased rows must leave the current files (other writers too)
+    "write.update.mode": "copy-on-write",
     "commit.retry.num-retries": "0",  # the commit point is report.json; a lost swap is never retried blindly
+    **iceberg.NO_BOUNDS,
 }
 
 
@@ -96,14 +89,6 @@ def small_types(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_type(small(f.type)) for f in schema], metadata=schema.metadata)
 
 
-DELETE_SCHEMA = pa.schema(
-    [
-        pa.field("file_path", pa.string(), nullable=False, metadata={b"PARQUET:field_id": str(DELETE_FILE_PATH_ID)}),
-        pa.field("pos", pa.int64(), nullable=False, metadata={b"PARQUET:field_id": str(DELETE_POS_ID)}),
-    ]
-)
-
-
 def new_file_name(run_id: str, part: str = "0") -> str:
     return f"{run_id}-{part}-{uuid.uuid4().hex[:12]}.parquet"
 
@@ -115,7 +100,7 @@ class LiveFile:
 
     path: str
     rows: int
-    deleted: np.ndarray  # int64 positions
+    deleted: np.ndarray  # int64 positions (only in stores written before erasure became copy-on-write)
     delete_files: tuple = ()  # paths of the position delete files that apply to it
 
 
@@ -167,17 +152,11 @@ def live_files(table) -> list:
     """The data files of a table snapshot with, for each, the row positions its delete files remove."""
     if table is None or table.current_snapshot() is None:
         return []
-    from pyiceberg.io.pyarrow import _read_all_delete_files
-
     tasks = list(table.scan().plan_files())
-    deletes = _read_all_delete_files(table.io, tasks)
-    out = []
-    for task in tasks:
-        chunks = [c for arr in deletes.get(task.file.file_path, []) for c in arr.chunks]
-        positions = np.unique(np.concatenate([c.to_numpy() for c in chunks])) if chunks else np.array([], np.int64)
-        out.append(LiveFile(task.file.file_path, task.file.record_count, positions.astype(np.int64),
-                            tuple(d.file_path for d in task.delete_files)))  # fmt: skip
-    return out
+    deleted = iceberg.deleted_positions(table.io, tasks) if any(t.delete_files for t in tasks) else {}
+    none = np.array([], np.int64)
+    return [LiveFile(t.file.file_path, t.file.record_count, deleted.get(t.file.file_path, none),
+                     tuple(d.file_path for d in t.delete_files)) for t in tasks]  # fmt: skip
 
 
 def read_live(files: list, columns: list, threads: int = 16) -> pa.Table:
@@ -209,28 +188,28 @@ class CommitError(RuntimeError):
 
 @dataclass
 class TableChange:
-    """One snapshot: the parent's files minus `removed`, plus new data files and new position delete files."""
+    """One snapshot: the parent's files minus `removed` (or all of them), plus new data files."""
 
     added: list = field(default_factory=list)  # paths of data files written by this run
-    deletes: dict = field(default_factory=dict)  # data file path -> positions to delete
-    removed: set = field(default_factory=set)  # data or delete file paths to drop (compaction, replacement)
+    removed: set = field(default_factory=set)  # data or delete file paths to drop (rewritten, replaced)
     replace_all: bool = False
 
 
 class RunCommit:
     """Prepares the snapshots of one run on the published state it started from, then publishes them."""
 
-    def __init__(self, results: Results, run_id: str, keep_snapshots_s: float = 3600.0):
+    def __init__(self, results: Results, run_id: str, keep_snapshots_s: float = 1800.0,
+                 clock: Callable[[], float] = time.time):  # fmt: skip
         from pyiceberg.catalog.memory import InMemoryCatalog
 
-        self.results, self.run_id, self.keep_snapshots_s = results, run_id, keep_snapshots_s
+        self.results, self.run_id, self.keep_snapshots_s, self.clock = results, run_id, keep_snapshots_s, clock
         # A throwaway catalog for this process only: it writes each table's new metadata file.
         self.catalog = InMemoryCatalog(
             f"run-{uuid.uuid4().hex[:8]}", warehouse=storage.join(results.root, "tables"), **storage.io_properties()
         )
         self.catalog.create_namespace("results")
         self.tables: dict = {}
-        self.changed: set = set()
+        self.expired = 0  # snapshots this run expired
 
     def table(self, name: str):
         if name not in self.tables:
@@ -248,72 +227,43 @@ class RunCommit:
         return storage.join(self.results.table_location(name), "data", new_file_name(self.run_id, part))
 
     def apply(self, name: str, change: TableChange, summary: Optional[dict] = None) -> None:
-        """Stage one snapshot of a table (new metadata file, not yet published)."""
+        """Stage one snapshot of a table (new metadata file, not yet published), and expire old snapshots."""
         table = self.table(name)
-        data_files = [data_file(table.io, table.metadata, path) for path in change.added]
-        delete_files = [self._write_deletes(name, change.deletes)] if change.deletes else []
+        data_files = [iceberg.data_file(table.io, table.metadata, path) for path in change.added]
         with table.transaction() as tx:
-            producer = _ReplaceFiles(
-                tx, table.io, data_files + delete_files, change, {"run-id": self.run_id, **(summary or {})}
-            )
+            producer = iceberg.ReplaceFiles(tx, table.io, data_files, change.removed, change.replace_all,
+                                            {"run-id": self.run_id, **(summary or {})})  # fmt: skip
             producer.commit()
-            self._expire(tx)
+            self.expired += iceberg.expire_older_than(tx, self.clock() - self.keep_snapshots_s)
         self.tables[name] = self.catalog.load_table(("results", name))
-        self.changed.add(name)
 
-    def _expire(self, tx) -> None:
-        from datetime import datetime, timezone
+    def expire(self, name: str) -> int:
+        """Stage only the expiry of a table's old snapshots (a run that changes no rows); how many expired."""
+        if self.results.metadata_location(name) is None:
+            return 0
+        table = self.table(name)
+        with table.transaction() as tx:
+            count = iceberg.expire_older_than(tx, self.clock() - self.keep_snapshots_s)
+        if count:
+            self.tables[name] = self.catalog.load_table(("results", name))
+            self.expired += count
+        else:
+            del self.tables[name]  # nothing staged: publish keeps the published metadata
+        return count
 
-        from pyiceberg.table.update.snapshot import ExpireSnapshots
-
-        cutoff = datetime.fromtimestamp(time.time() - self.keep_snapshots_s, tz=timezone.utc)
-        expire = ExpireSnapshots(tx)
-        expire._snapshot_ids_to_expire = set()  # pyiceberg 0.10 shares one set between instances (class attribute)
-        expire.older_than(cutoff)
-        if expire._snapshot_ids_to_expire:
-            expire.commit()
-
-    def _write_deletes(self, name: str, deletes: dict) -> object:
-        from pyiceberg.io.pyarrow import (
-            compute_statistics_plan,
-            data_file_statistics_from_parquet_metadata,
-            parquet_path_to_id_mapping,
-        )
-        from pyiceberg.manifest import DataFile, FileFormat
-        from pyiceberg.schema import Schema
-        from pyiceberg.typedef import Record
-        from pyiceberg.types import LongType, NestedField, StringType
-
-        # The spec's position delete schema (pyiceberg's own constant types pos as int, not long).
-        delete_schema = Schema(
-            NestedField(DELETE_FILE_PATH_ID, "file_path", StringType(), required=True),
-            NestedField(DELETE_POS_ID, "pos", LongType(), required=True),
-        )
-
-        paths = sorted(deletes)
-        file_paths = [p for p in paths for _ in range(len(deletes[p]))]
-        positions = np.concatenate([np.sort(np.asarray(deletes[p], np.int64)) for p in paths])
-        rows = pa.table([pa.array(file_paths, pa.string()), pa.array(positions, pa.int64())], schema=DELETE_SCHEMA)
-        path = storage.join(self.results.table_location(name), "data", f"deletes-{new_file_name(self.run_id)}")
-        size = storage.write_parquet(path, rows)
-        fs, where = storage.filesystem(path)
-        stats = data_file_statistics_from_parquet_metadata(
-            pq.read_metadata(where, filesystem=fs),
-            compute_statistics_plan(delete_schema, {}),
-            parquet_path_to_id_mapping(delete_schema),
-        )
-        return DataFile.from_args(
-            content=DataFileContent.POSITION_DELETES,
-            file_path=path,
-            file_format=FileFormat.PARQUET,
-            partition=Record(),
-            file_size_in_bytes=size,
-            sort_order_id=None,
-            spec_id=0,
-            equality_ids=None,
-            key_metadata=None,
-            **stats.to_serialized_dict(),
-        )
+    def superseded_since(self) -> Optional[float]:
+        """When the newest snapshot that is not current was made (epoch seconds), over every table as this
+        commit leaves it; None when only current snapshots are left."""
+        newest = None
+        for name in TABLE_NAMES:
+            table = self.tables.get(name) or self.results.table(name)
+            if table is None:
+                continue
+            current = table.metadata.current_snapshot_id
+            for snapshot in table.metadata.snapshots:
+                if snapshot.snapshot_id != current:
+                    newest = max(newest or 0.0, snapshot.timestamp_ms / 1000)
+        return newest
 
     def publish(self, report: dict) -> dict:
         """The swap: report.json names every table's new metadata. Raises CommitError if another run won."""
@@ -323,7 +273,7 @@ class RunCommit:
                 tables[name] = self.tables[name].metadata_location
             elif self.results.metadata_location(name):
                 tables[name] = self.results.metadata_location(name)
-        snapshots = {}
+        snapshots = dict(((self.results.report or {}).get("commit") or {}).get("snapshots") or {})
         for name, table in self.tables.items():
             snapshot = table.current_snapshot()
             snapshots[name] = snapshot.snapshot_id if snapshot else None
@@ -334,111 +284,6 @@ class RunCommit:
         except storage.ConflictError as exc:
             raise CommitError(f"not published: {exc}; another run published results meanwhile") from None
         return report
-
-
-class _DeleteManifestWriter(ManifestWriterV2):
-    def content(self) -> ManifestContent:
-        return ManifestContent.DELETES
-
-    @property
-    def _meta(self) -> dict:
-        return {**super()._meta, "content": "deletes"}
-
-
-def _is_data(data_file) -> bool:
-    return data_file.content == DataFileContent.DATA
-
-
-def data_file(io, metadata, path: str):
-    """A Parquet file this run wrote with the table's schema (field ids included) -> its Iceberg DataFile.
-    pyiceberg's parquet_file_to_data_file, less its refusal of files that carry field ids (before 0.11 it only
-    took foreign files for add_files); the EMR runtime's Python 3.9 has pyiceberg 0.10."""
-    import pyarrow.parquet as pq
-    from pyiceberg.io.pyarrow import (
-        _check_pyarrow_schema_compatible,
-        compute_statistics_plan,
-        data_file_statistics_from_parquet_metadata,
-        parquet_path_to_id_mapping,
-    )
-    from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
-
-    source = io.new_input(path)
-    with source.open() as stream:
-        parquet = pq.read_metadata(stream)
-    schema = metadata.schema()
-    _check_pyarrow_schema_compatible(schema, parquet.schema.to_arrow_schema(), format_version=metadata.format_version)
-    statistics = data_file_statistics_from_parquet_metadata(
-        parquet_metadata=parquet,
-        stats_columns=compute_statistics_plan(schema, metadata.properties),
-        parquet_column_mapping=parquet_path_to_id_mapping(schema),
-    )
-    return DataFile.from_args(
-        content=DataFileContent.DATA, file_path=path, file_format=FileFormat.PARQUET,
-        partition=statistics.partition(metadata.spec(), schema), file_size_in_bytes=len(source), sort_order_id=None,
-        spec_id=metadata.default_spec_id, equality_ids=None, key_metadata=None, **statistics.to_serialized_dict(),
-    )  # fmt: skip
-
-
-class _ReplaceFiles(_SnapshotProducer):
-    """A snapshot written as complete manifests: kept files as EXISTING entries, new ones as ADDED.
-
-    pyiceberg itself writes copy-on-write deletes only; this snapshot adds position delete files
-    (merge-on-read) and drops files (compaction, replacement) at once. Manifests are rewritten whole each
-    time: a few KB per hundred files, in exchange for no manifest merging logic."""
-
-    def __init__(self, tx, io, added: list, change: TableChange, properties: dict):
-        only_adds = not change.deletes and not change.removed and not change.replace_all
-        operation = Operation.APPEND if only_adds else Operation.OVERWRITE
-        super().__init__(operation, tx, io, snapshot_properties=properties)
-        self._added_data_files = list(added)
-        self._change = change
-
-    def _existing_manifests(self) -> list:
-        return []
-
-    def _deleted_entries(self) -> list:
-        return []
-
-    def _kept_entries(self) -> list:
-        parent = self._transaction.table_metadata.snapshot_by_id(self._parent_snapshot_id or -1)
-        if parent is None:
-            return []
-        kept = []
-        for manifest in parent.manifests(io=self._io):
-            for entry in manifest.fetch_manifest_entry(io=self._io, discard_deleted=True):
-                if self._change.replace_all or entry.data_file.file_path in self._change.removed:
-                    self._deleted_data_files.add(entry.data_file)  # counted in the snapshot summary
-                else:
-                    kept.append(entry)
-        return kept
-
-    def _manifests(self) -> list:
-        kept = self._kept_entries()
-        manifests = []
-        for data in (True, False):
-            old = [e for e in kept if _is_data(e.data_file) == data]
-            new = [f for f in self._added_data_files if _is_data(f) == data]
-            if not old and not new:
-                continue
-            writer_class = ManifestWriterV2 if data else _DeleteManifestWriter
-            spec = self._transaction.table_metadata.spec()
-            schema = self._transaction.table_metadata.schema()
-            writer = writer_class(spec, schema, self.new_manifest_output(), self._snapshot_id, self._compression)
-            with writer:
-                for entry in old:
-                    writer.existing(entry)
-                for data_file in new:
-                    writer.add(
-                        ManifestEntry.from_args(
-                            status=ManifestEntryStatus.ADDED,
-                            snapshot_id=self._snapshot_id,
-                            sequence_number=None,
-                            file_sequence_number=None,
-                            data_file=data_file,
-                        )
-                    )
-            manifests.append(writer.to_manifest_file())
-        return manifests
 
 
 # --- after publishing ------------------------------------------------------------------------------------
@@ -457,47 +302,74 @@ def referenced_files(table) -> set:
 
 RUN_MARKERS = "_running"
 RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")  # job.new_run_id(): data files and run folders carry it
-MAX_RUN_S = 24 * 3600  # a run marker older than this belongs to a run that died; runs time out long before
+MAX_RUN_S = 24 * 3600  # a marker of a run started by hand is stale after this; runs time out long before
+SKEW_S = 5.0  # S3's LastModified (1 s resolution) against this machine's clock
 
 
-def mark_running(results: Results, run_id: str) -> str:
-    """Announce a run that writes files: while its marker lives, nothing it wrote counts as an orphan."""
+def mark_running(results: Results, run_id: str, launch_id: Optional[str] = None) -> str:
+    """Announce a run that writes files: while its marker lives, nothing it wrote counts as an orphan. A run the
+    pipeline launched records its launch id: at most one launched run is active, so the next one knows it dead."""
     marker = storage.join(results.root, RUN_MARKERS, run_id)
-    storage.write_bytes(marker, b"")
+    storage.write_bytes(marker, (launch_id or "").encode())
     return marker
 
 
-def remove_orphans(results: Results, grace_s: float = 600.0) -> int:
-    """Delete table files and run folders the published state no longer reaches (expired snapshots, runs
-    that crashed or lost the swap). Files younger than grace_s, or than any run still marked running, are
-    left: that run may still be writing them, and would publish them."""
-    keep: set = set()
-    for name in TABLE_NAMES:
-        table = results.table(name)
-        if table is not None:
-            keep |= {storage.normalize(f) if not storage.is_s3(f) else f for f in referenced_files(table)}
-    current_run = storage.join(results.root, "runs", results.report["run_id"]) if results.report else None
-    now = time.time()
-    cutoff = now - grace_s
-    live_runs, dead_markers, earliest_live = set(), [], now
-    for marker, modified in storage.list_prefix(storage.join(results.root, RUN_MARKERS)):
-        if now - modified < MAX_RUN_S:
-            live_runs.add(storage.basename(marker))
-            earliest_live = min(earliest_live, modified)
+def _live_runs(root: str, now: float, run_id: Optional[str], launch_id: Optional[str]) -> tuple:
+    """(run ids whose files are protected, the earliest of their markers' times, markers of dead runs)."""
+    live, earliest, dead = set(), now, []
+    for marker, modified in storage.list_prefix(storage.join(root, RUN_MARKERS)):
+        other = storage.basename(marker)
+        if other == run_id:
+            live.add(other)
+            continue
+        try:
+            launched = bool(storage.read_bytes(marker)[0].strip())
+        except FileNotFoundError:
+            continue  # it ended meanwhile
+        if (launch_id and launched) or now - modified >= MAX_RUN_S:
+            dead.append(marker)  # an earlier launched run (its EMR job ended before this one started), or stale
         else:
-            dead_markers.append(marker)
+            live.add(other)
+            earliest = min(earliest, modified)
+    return live, earliest, dead
+
+
+def remove_orphans(output: str, grace_s: float = 600.0, run_id: Optional[str] = None,
+                   launch_id: Optional[str] = None, clock: Callable[[], float] = time.time) -> int:  # fmt: skip
+    """Delete table files and run folders that the published state no longer reaches: files of expired
+    snapshots, of rewritten files, of runs that crashed or lost the swap, and every run folder but the published
+    one. Returns how many. run_id, launch_id: the caller's own.
+
+    The published state is read here, never taken from the caller: a run that read it earlier would miss what
+    another run published since, and delete that run's files. Then the files are listed, then the run markers,
+    then report.json is read again: a run whose file was listed either still has its marker (kept), or ended
+    before that listing, by publishing (report.json moved: this looks again) or by crashing (its files go).
+    Files named without a run id (Iceberg metadata and manifests) are also kept for grace_s, and while an
+    older run is live."""
+    for _ in range(3):
+        now = clock()
+        results = Results(output)
+        keep: set = set()
+        for name in TABLE_NAMES:
+            table = results.table(name)
+            if table is not None:
+                keep |= {storage.normalize(f) if not storage.is_s3(f) else f for f in referenced_files(table)}
+        listed = [f for folder in ("tables", "runs") for f in storage.list_prefix(storage.join(results.root, folder))]
+        live, earliest_live, dead_markers = _live_runs(results.root, now, run_id, launch_id)
+        if storage.read_versioned(results.report_uri)[1] == results.token:
+            break
+    else:
+        return 0  # runs keep publishing: the last of them cleans up
+    current_run = storage.join(results.root, "runs", results.report["run_id"]) if results.report else None
     doomed = []
-    for folder in ("tables", "runs"):
-        for uri, modified in storage.list_prefix(storage.join(results.root, folder)):
-            if modified > cutoff or uri in keep or uri.endswith(".lock"):
-                continue
-            if current_run and uri.startswith(current_run + "/"):
-                continue
-            run_ids = set(RUN_ID.findall(uri))
-            if run_ids & live_runs:
-                continue  # a data file of a run still writing
-            if not run_ids and live_runs and modified >= earliest_live - 2:
-                continue  # metadata (named without a run id) written since a live run began (1 s resolution)
-            doomed.append(uri)
+    for uri, modified in listed:
+        if uri in keep or uri.endswith(".lock") or (current_run and uri.startswith(current_run + "/")):
+            continue
+        run_ids = set(RUN_ID.findall(uri))
+        if run_ids & live:
+            continue  # a file of a run still writing
+        if not run_ids and (modified > now - grace_s or (live and modified >= earliest_live - SKEW_S)):
+            continue  # metadata (named without a run id) that a run still writing may publish
+        doomed.append(uri)
     storage.delete_files(doomed + dead_markers)
     return len(doomed)

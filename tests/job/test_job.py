@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pyiceberg.manifest import ManifestContent
 
 from emr_job import job as job_module
+from emr_job import storage
 from emr_job.pca import PcaError
-from emr_job.store import CommitError, Results
+from emr_job.store import CommitError
 from tests.job.images import bomb_png, encoded, every_mode, exif_rotated_jpeg, make_tree, rgb, write
-from tests.job.results import files_holding, published, rows
+from tests.job.results import published, rows
 
 
 def test_real_world_tree_is_fully_accounted_for(job, tmp_path, weights_file):
@@ -242,7 +242,7 @@ def test_a_crash_at_any_commit_step_leaves_one_runs_results_and_the_next_run_com
     rpt = job(src, out, k=2)
     features = rows(out, "features")
     assert set(features) == {str(p) for p in src.rglob("*.jpg")} == set(rows(out, "pca"))
-    assert features[f"{src}/x/0.jpg"]["version"] == f"{(src / 'x' / '0.jpg').stat().st_size}:5"
+    assert features[f"{src}/x/0.jpg"]["version"] == storage.local_version((src / "x" / "0.jpg").stat())
     assert len(features) == 6 and set(published(out)["runs"].values()) == {published(out)["report"]["run_id"]}
     assert rpt["images_ok"] == 6
 
@@ -253,15 +253,15 @@ def test_a_run_that_loses_the_swap_publishes_nothing(job, tmp_path, monkeypatch)
     make_tree(str(src), labels=("x",), per_label=3)
     job(src, out, k=2)
     write(f"{src}/x/late.jpg", encoded(rgb(60), "JPEG"))
-    real_step, winner = job_module._step, {}
+    real_step, winner = job_module.RunContext.step, {}
 
-    def other_run_first(fail_at, name):
+    def other_run_first(ctx, name):
         if name == "publish" and not winner:
             winner["report"] = None  # the other run must not recurse into this hook
             winner["report"] = job(src, out, k=2)
-        real_step(fail_at, name)
+        real_step(ctx, name)
 
-    monkeypatch.setattr(job_module, "_step", other_run_first)
+    monkeypatch.setattr(job_module.RunContext, "step", other_run_first)
 
     # When the first run tries to publish
     with pytest.raises(CommitError, match="another run published results meanwhile"):
@@ -272,32 +272,6 @@ def test_a_run_that_loses_the_swap_publishes_nothing(job, tmp_path, monkeypatch)
     assert state["report"]["run_id"] == winner["report"]["run_id"]
     assert set(state["runs"].values()) == {winner["report"]["run_id"]}
     assert len(rows(out, "features")) == 4
-
-
-def test_erased_image_leaves_every_file_of_the_results(job, tmp_path, monkeypatch):
-    # Given an image whose features were published, then erased
-    src, out = tmp_path / "in", tmp_path / "out"
-    make_tree(str(src), labels=("x", "y"), per_label=3)
-    victim = str(src / "y" / "2.jpg")
-    job(src, out, k=2)
-    os.remove(victim)
-    now = [job_module.CLOCK()]
-    monkeypatch.setattr(job_module, "CLOCK", lambda: now[0])
-
-    # When the next run drops it: gone from every table at once, still masked inside a data file
-    job(src, out, k=2)
-    assert victim not in rows(out, "features") and victim not in rows(out, "pca")
-    assert files_holding(out, victim)  # masked by a position delete until compaction
-
-    # And later runs (a day on, as the daily reconciliation does) compact, expire and remove old files
-    now[0] += 13 * 3600
-    compacted = job(src, out, k=2, keep_snapshots_hours=0)
-    assert compacted["maintenance"]["compacted_at"]
-    assert files_holding(out, victim) == []
-    table = Results(str(out)).table("features")  # and its snapshot keeps no delete file at all
-    assert [e for m in table.current_snapshot().manifests(table.io) if m.content == ManifestContent.DELETES
-            for e in m.fetch_manifest_entry(table.io, discard_deleted=True)] == []  # fmt: skip
-    assert len(rows(out, "features")) == 5
 
 
 def test_a_failed_run_leaves_previous_results(job, tmp_path, weights_file):
@@ -312,35 +286,3 @@ def test_a_failed_run_leaves_previous_results(job, tmp_path, weights_file):
 
     assert Path(out, "report.json").read_text() == before
     assert len(rows(out, "features")) == 3 and len(rows(out, "pca")) == 3
-
-
-def test_orphan_removal_spares_the_files_of_a_run_still_writing(tmp_path):
-    import time
-
-    import pyarrow as pa
-
-    from emr_job import storage
-    from emr_job.job import new_run_id
-    from emr_job.store import Results, RunCommit, TableChange, arrow_schema, mark_running, remove_orphans
-
-    # Given published results, and a second run that announced itself an hour ago and is still writing
-    out = str(tmp_path / "out")
-    first = RunCommit(Results(out), new_run_id())
-    first.apply("failures", TableChange())
-    first.publish({"run_id": first.run_id})
-    live, crashed = new_run_id(), new_run_id()
-    marker = mark_running(Results(out), live)
-    empty = pa.Table.from_pylist([], schema=arrow_schema("failures"))
-    in_flight = RunCommit(Results(out), live).data_file_path("failures", "0")
-    abandoned = RunCommit(Results(out), crashed).data_file_path("failures", "0")
-    hour_ago = time.time() - 3600
-    for path in (in_flight, abandoned):
-        storage.write_parquet(path, empty)
-        os.utime(path, (hour_ago, hour_ago))  # long-running: its files are as old as those of a crashed run
-    os.utime(marker, (hour_ago - 10, hour_ago - 10))
-
-    # When another run removes orphans with no grace period at all
-    remove_orphans(Results(out), grace_s=0)
-
-    # Then the live run's file stays, the crashed run's goes
-    assert os.path.exists(in_flight) and not os.path.exists(abandoned)
