@@ -1,13 +1,16 @@
 """GDPR by construction, end to end on one moto server: upload, process, erase, and then look for the key
-everywhere the stack keeps anything: every object and object version, the state table, every log line."""
+everywhere the stack keeps anything: every object and object version, the state table, every log line. Right after
+the run that sees the deletion, only files of superseded snapshots (kept for readers in mid-query) may hold it;
+the cleanup run the pipeline starts at the time the report gives, under an hour later, removes those."""
 
 import json
 import os
-import subprocess
-import sys
+from datetime import datetime
 
 import boto3
 
+from emr_job import job as job_module
+from emr_job.store import Results, referenced_files
 from tests.job.images import encoded, make_tree, rgb
 from tests.job.results import holds, rows
 from tests.lambdas.conftest import BUCKET, load, s3_record, serverless_state, sqs_event
@@ -15,20 +18,49 @@ from tests.lambdas.stack import create_stack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VICTIM = "images/Kiwi/Zoë Dupont+copy 1.jpg"  # a person's name, a '+', a space and an accent
+RESULTS = f"s3://{BUCKET}/results"
 
 
-def run_job(stack, job_id: str, env: dict, *extra: str) -> str:
-    """What EMR Serverless would run for this job run: the job, with the arguments the launcher passed."""
+def run_job(stack, job_id: str) -> None:
+    """What EMR Serverless would run for this job run: the job, with the arguments the launcher passed (in this
+    process, so that the clock the test moves is the job's too)."""
+    from emr_job.main import main
+
     run = stack.emrs.get_job_run(applicationId=stack.app_id, jobRunId=job_id)["jobRun"]
-    args = run["jobDriver"]["sparkSubmit"]["entryPointArguments"]
-    proc = subprocess.run([sys.executable, "-m", "emr_job", *args, *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
+    assert main(run["jobDriver"]["sparkSubmit"]["entryPointArguments"]) == 0
 
 
-def test_an_erased_image_leaves_no_trace_outside_expiring_old_versions(moto_server, weights_file, tmp_path,
-                                                                       monkeypatch, capfd, lambda_context):  # fmt: skip
+def latest_holding(s3) -> set:
+    """Keys of the current object versions whose content holds the victim's key."""
+    found = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for obj in page.get("Contents", []):
+            if holds(_decoded(obj["Key"], s3.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()), VICTIM):
+                found.add(f"s3://{BUCKET}/{obj['Key']}")
+    return found
+
+
+def superseded_files() -> set:
+    """Files only superseded snapshots reach (what a reader that loaded them before the erasing run may read)."""
+    results = Results(RESULTS)
+    reached, current = set(), set()
+    for name in ("features", "pca", "failures"):
+        table = results.table(name)
+        if table is None:
+            continue
+        reached |= referenced_files(table)
+        snapshot = table.current_snapshot()
+        if snapshot is not None:
+            current.add(snapshot.manifest_list)
+            for manifest in snapshot.manifests(table.io):
+                current.add(manifest.manifest_path)
+                current |= {e.data_file.file_path for e in manifest.fetch_manifest_entry(table.io)}
+    return reached - current
+
+
+def test_an_erased_image_leaves_every_current_file_at_once_and_the_superseded_ones_within_the_hour(
+    moto_server, weights_file, tmp_path, monkeypatch, capfd, lambda_context
+):
     # Given the stack on a moto server, with versioning as template.yaml sets it, and images including the victim
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     stack = create_stack()
@@ -40,43 +72,56 @@ def test_an_erased_image_leaves_no_trace_outside_expiring_old_versions(moto_serv
         stack.s3.upload_file(path, BUCKET, "images/" + os.path.relpath(path, tmp_path / "src"))
     stack.s3.put_object(Bucket=BUCKET, Key=VICTIM, Body=encoded(rgb(9), "JPEG"))
     trigger, job_state = load("trigger.app"), load("job_state.app")
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    logs = []
+    now = [job_state.PIPELINE.state.clock()]
+    job_state.PIPELINE.state.clock = trigger.PIPELINE.state.clock = lambda: now[0]
+    monkeypatch.setattr(job_module, "CLOCK", lambda: now[0])
 
-    def process(event: dict, *extra: str) -> None:
+    def process(event: dict) -> None:
         trigger.lambda_handler(event, lambda_context) if "Records" in event else job_state.lambda_handler(
             event, lambda_context
         )
         run = job_state.PIPELINE.state.read().run
-        logs.append(run_job(stack, run.job_id, env, *extra))
+        assert run is not None, f"no run started by {event}"
+        run_job(stack, run.job_id)
         job_state.lambda_handler(serverless_state(run.job_id, stack.app_id, "SUCCESS"), lambda_context)
 
     # When the uploads are processed
     process(sqs_event([{"Records": [s3_record(VICTIM)]}]))
-    assert f"s3://{BUCKET}/{VICTIM}" in rows(f"s3://{BUCKET}/results", "features")
+    assert f"s3://{BUCKET}/{VICTIM}" in rows(RESULTS, "features")
 
-    # And the image is erased; its deletion processed; and a day later the daily reconciliation runs, by when
-    # the compaction and snapshot windows have passed (the job's windows set to zero stand for that day)
+    # And the image is erased, and its deletion processed
     stack.s3.delete_object(Bucket=BUCKET, Key=VICTIM)
     process(sqs_event([{"Records": [s3_record(VICTIM, action="ObjectRemoved:DeleteMarkerCreated")]}]))
-    assert f"s3://{BUCKET}/{VICTIM}" not in rows(f"s3://{BUCKET}/results", "features")
-    process({"action": "daily"}, "--compact-after-hours", "0", "--keep-snapshots-hours", "0")
+    erased_at = now[0]
+
+    # Then at once no current object holds the key but files of the snapshots it superseded
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    assert f"s3://{BUCKET}/{VICTIM}" not in rows(RESULTS, "features")
+    holding = latest_holding(s3)
+    assert holding, "the search must be able to find the key (it sat in the results)"
+    assert holding <= superseded_files(), holding - superseded_files()
+
+    # When the pipeline's reconciler comes round at the cleanup time the report gives, with no further upload
+    due = datetime.fromisoformat(Results(RESULTS).report["maintenance"]["cleanup_due_at"]).timestamp()
+    assert due - erased_at <= 3600 - 15 * 60  # room for the reconciler's period (5 min) and the run's start
+    now[0] = due + 5 * 60
+    process({"action": "reconcile"})
 
     # Then no current object, no state item and no log line holds the key in any encoding
-    s3 = boto3.client("s3", endpoint_url=moto_server)
     holding = []
     for page in s3.get_paginator("list_object_versions").paginate(Bucket=BUCKET):
         for version in page.get("Versions", []):
             body = s3.get_object(Bucket=BUCKET, Key=version["Key"], VersionId=version["VersionId"])["Body"].read()
             if holds(_decoded(version["Key"], body), VICTIM):
                 holding.append((version["Key"], version["IsLatest"]))
-    assert holding, "the search must be able to find the key (it sat in the image and in the results)"
+    assert holding, "older versions still hold it"
     assert [key for key, latest in holding if latest] == []
     # ... only old versions, which the bucket's NoncurrentVersionExpiration removes after the retention window
     for item in stack.ddb.scan(TableName="runs")["Items"]:
         assert not holds(json.dumps(item, ensure_ascii=False).encode(), VICTIM), item
+    assert Results(RESULTS).report["maintenance"]["cleanup_due_at"] is None
     out, err = capfd.readouterr()
-    for line in (out + err + "".join(logs)).splitlines():
+    for line in (out + err).splitlines():
         assert not holds(line.encode(), VICTIM), line
 
 
