@@ -12,6 +12,8 @@
               figures are the function's own): wall time, ListObjectsV2 calls, peak memory (tracemalloc), CPU,
               botocore's parse time per page, and the cost per day in USD
   reconcile   planning on STORED synthetic feature rows with 1% changed (wall, peak RSS), bytes rewritten
+  listing     listing 20,000 local image files with the versions the job uses (size:mtime:ctime:inode) and
+              with size:mtime alone, and what hashing their content instead would cost
   query       `python -m emr_job.query` on 100,000 stored images (k=50): wall time of the command, and its
               parts (reading the results, the model on the photos, the nearest-neighbour search)
 
@@ -442,6 +444,41 @@ def scale_benchmark(work: Path, n: int) -> dict:
     return {"build": built, "plan": planned, "rewrite": rewritten}
 
 
+def listing_benchmark(work: Path, files: int = 20_000, rounds: int = 3) -> dict:
+    """What local versions cost: the job's listing with size:mtime:ctime:inode against size:mtime, warm, best
+    of a few rounds; and reading plus hashing every file instead (what a content version would cost)."""
+    import hashlib
+
+    from emr_job import storage
+
+    root = work / "listing"
+    make_images(root, files, seed=6)
+    job_version = storage.local_version
+    formats = {"size:mtime": lambda st: f"{st.st_size}:{st.st_mtime_ns}", "size:mtime:ctime:inode": job_version}
+    result = {"files": files}
+    try:
+        for name, version in formats.items():
+            storage.local_version = version
+            best, table = None, None
+            for _ in range(rounds):
+                start = time.perf_counter()
+                table, _ = storage.list_images(str(root))
+                best = min(best or 1e9, time.perf_counter() - start)
+            result[name] = {"list_s": round(best, 3), "version_bytes": table.column("version").nbytes}
+    finally:
+        storage.local_version = job_version
+    start = time.perf_counter()
+    size = 0
+    for path in table.column("path").to_pylist():
+        with open(path, "rb") as fh:
+            data = fh.read()
+        size += len(data)
+        hashlib.blake2b(data, digest_size=16).digest()
+    result["hash_every_file"] = {"s": round(time.perf_counter() - start, 3), "bytes": size}
+    shutil.rmtree(root)
+    return result
+
+
 def query_benchmark(work: Path, stored: int = 100_000) -> dict:
     """The similarity query as a user runs it, cold (a new process), on one photo and on ten, with a weights
     file (random weights would need TensorFlow to make them: not what a user queries with)."""
@@ -597,7 +634,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench-out"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--stored", type=int, default=1_000_000, help="stored images for the planning section")
-    parser.add_argument("--only", choices=["job", "pca", "trigger", "daily", "reconcile", "query"],
+    parser.add_argument("--only", choices=["job", "pca", "trigger", "daily", "reconcile", "listing", "query"],
                         help="run one section")  # fmt: skip
     parser.add_argument("--no-predict-batch-udf", dest="predict_batch_udf", action="store_false",
                         help="skip Spark's predict_batch_udf (the slowest part)")  # fmt: skip
@@ -626,6 +663,9 @@ def main(argv=None) -> int:
     if args.only in (None, "reconcile"):
         log(f"reconciliation at scale: {args.stored} stored images, 1% changed")
         result["reconcile"] = scale_benchmark(work, args.stored)
+    if args.only in (None, "listing"):
+        log("listing: 20,000 local files, the versions the job uses")
+        result["listing"] = listing_benchmark(work)
     if args.only in (None, "query"):
         log("query: one and ten photos against 100,000 stored images")
         result["query"] = query_benchmark(work)

@@ -148,8 +148,10 @@ def query_store(out: str, n: int, weights_file: str = "random") -> dict:
 
 
 def rewrite(out: str, n: int) -> dict:
-    """Commit what a 1%-changed run writes, and count the bytes of every file it created."""
+    """Commit what a 1%-changed run writes, as the job does (copy-on-write: every data file holding a row that
+    goes is rewritten without it, in the driver here), and count the bytes of every file it created."""
     from emr_job import storage
+    from emr_job.job import rewrite_features
     from emr_job.plan import make_plan
     from emr_job.store import Results, RunCommit, TableChange, live_files, read_live
 
@@ -159,20 +161,29 @@ def rewrite(out: str, n: int) -> dict:
     made = make_plan(listing, 0, read_live(files, ["path", "version", "weights"]), files,
                      results.read("failures"), "sha256:bench")  # fmt: skip
     existing = {p for p in Path(out).rglob("*") if p.is_file()}
+    store = store_bytes(out)  # before the run: afterwards the superseded snapshot's files are still there
     commit = RunCommit(results, "bench-rewrite")
     new_file = commit.data_file_path("features", "0")
     ids = np.array([int(p.rsplit("/", 1)[1][:7]) for p in made.featurize.column("path").to_pylist()])
     storage.write_parquet(new_file, feature_table(ids, np.random.default_rng(2)))
-    commit.apply("features", TableChange(added=[new_file], deletes=dict(made.deletes)))
+    start = time.perf_counter()
+    touched = [
+        (f.path, made.deletes[f.path], f.rows - len(made.deletes[f.path])) for f in files if f.path in made.deletes
+    ]
+    written = rewrite_features(None, commit, "bench-rewrite", touched)
+    commit.apply("features", TableChange(added=[new_file, *written], removed={p for p, _, _ in touched}))
+    rewrite_s = time.perf_counter() - start
     features_written = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file() and p not in existing)
 
     # The pca table is rewritten whole by every run that changes anything: PCA is refitted on all rows.
     write_pca(commit, listing.num_rows)  # every listed image has a row once the run is done
     commit.publish({"run_id": "bench-rewrite"})
-    store = store_bytes(out)
     pca = store_bytes(out, "pca")
     return {
         "store_bytes": store,
+        "files_touched": len(touched),
+        "files_in_store": len(files),
+        "rewrite_wall_s": round(rewrite_s, 2),
         "features_bytes_written": features_written,
         "features_fraction": round(features_written / store, 4),
         "pca_bytes_written": pca,
