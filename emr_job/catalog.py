@@ -44,7 +44,7 @@ def sync_glue(output: str, database: str, glue=None) -> dict:
 
 
 def _sync_table(glue, database: str, name: str, results: Results) -> str:
-    from pyiceberg.catalog.glue import _construct_table_input  # Iceberg's Glue layout, as Athena expects it
+    from emr_job.iceberg import glue_table_input
 
     location = results.metadata_location(name)
     try:
@@ -56,7 +56,7 @@ def _sync_table(glue, database: str, name: str, results: Results) -> str:
         return "current"
     if current and _version(previous) > _version(location):
         return "newer in Glue"  # a later run synced first
-    table_input = _construct_table_input(name, location, {}, results.table(name).metadata, current, previous)
+    table_input = glue_table_input(name, location, results.table(name).metadata, current, previous)
     if current is None:
         try:
             glue.create_table(DatabaseName=database, TableInput=table_input)

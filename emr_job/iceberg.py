@@ -8,6 +8,7 @@ its own Parquet files on executors and commits them with one snapshot that adds 
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Optional
 
 import numpy as np
 from pyiceberg.io.pyarrow import (
@@ -59,6 +60,14 @@ def deleted_positions(io, tasks: list) -> dict:
         if chunks:
             out[path] = np.unique(np.concatenate(chunks)).astype(np.int64)
     return out
+
+
+def glue_table_input(name: str, location: str, metadata, current: Optional[dict], previous: Optional[str]) -> dict:
+    """The Glue TableInput of an Iceberg table whose metadata is at `location`, as pyiceberg's Glue catalog
+    writes it (Athena reads that layout): imported here only, since the Glue catalog pulls in boto3."""
+    from pyiceberg.catalog.glue import _construct_table_input
+
+    return _construct_table_input(name, location, {}, metadata, current, previous)
 
 
 def expire_older_than(tx, cutoff_s: float) -> int:

@@ -33,6 +33,8 @@ def test_the_dev_venv_runs_the_pyiceberg_the_emr_runtime_ships():
                                                                   "snapshot_properties"]),
         ("pyiceberg.table.update.snapshot", "ExpireSnapshots", ["transaction"]),
         ("pyiceberg.manifest", "ManifestWriterV2", ["spec", "schema", "output_file", "snapshot_id"]),
+        ("pyiceberg.catalog.glue", "_construct_table_input", ["table_name", "metadata_location", "properties",
+                                                               "metadata", "glue_table", "prev_metadata_location"]),
     ],
 )  # fmt: skip
 def test_the_private_functions_and_classes_take_what_the_job_passes(module, name, parameters):
