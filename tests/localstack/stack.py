@@ -281,8 +281,16 @@ class LocalStack:
         while not self._stop.is_set():
             batch, first = [], None
             while len(batch) < size and not self._stop.is_set():
-                got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=min(10, size - len(batch)),
-                                          WaitTimeSeconds=1, AttributeNames=["All"]).get("Messages", [])  # fmt: skip
+                try:
+                    wanted = min(10, size - len(batch))
+                    got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=wanted, WaitTimeSeconds=1,
+                                              AttributeNames=["All"]).get("Messages", [])  # fmt: skip
+                except Exception as exc:  # the stack is going away, or SQS hiccups: the event source polls again
+                    if self._stop.is_set():
+                        return
+                    self.log(f"  polling the queue failed: {type(exc).__name__}: {exc}")
+                    self._stop.wait(1)
+                    continue
                 batch += got
                 first = first or (time.time() if batch else None)
                 if batch and (not got or time.time() - first >= window):
