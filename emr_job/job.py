@@ -328,7 +328,8 @@ def publish(ctx: RunContext) -> None:
     commit.apply("failures", TableChange(added=failures_files, replace_all=True))
     ctx.step("failures")
 
-    erased = rpt["images_removed"] > 0
+    # Rows dropped (images deleted, replaced, or featurized with other weights) live on in the superseded snapshots
+    erased = rpt["images_removed"] > 0 or bool(ctx.plan.deletes)
     pending = bool(rpt["maintenance"].get("cleanup_due_at"))
     rpt["maintenance"]["cleanup_due_at"] = _cleanup_due(ctx.cfg, commit, erased=erased, pending=pending)
     rpt["maintenance"]["snapshots_expired"] = commit.expired

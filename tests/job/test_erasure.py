@@ -118,13 +118,17 @@ def test_a_cleanup_run_that_comes_early_keeps_the_snapshots_readers_may_use_and_
     assert early["maintenance"]["cleanup_due_at"] == due
 
 
-def test_a_run_that_adds_only_schedules_no_cleanup(job, tmp_path):
+def test_a_run_that_adds_only_schedules_no_cleanup_and_one_that_replaces_an_image_does(job, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
-    make_tree(str(src), labels=("x",), per_label=3)
+    paths = make_tree(str(src), labels=("x",), per_label=3)
     job = partial(job, driver_max_images=256, driver_max_rows=20000)
     job(src, out, k=2)
     write(f"{src}/x/new.jpg", encoded(rgb(5), "JPEG"))
     assert job(src, out, k=2)["maintenance"]["cleanup_due_at"] is None
+
+    # The replaced image's old features stay in the superseded snapshot: they must go as an erased row's do
+    write(paths[0], encoded(rgb(6), "JPEG"))
+    assert job(src, out, k=2)["maintenance"]["cleanup_due_at"] is not None
 
 
 def test_copy_on_write_rewrites_only_the_files_holding_rows_that_go(job, tmp_path):
