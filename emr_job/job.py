@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from emr_job import catalog, fitted, model, quality, report, storage
+from emr_job.cost import PRICE_GB_HOUR, PRICE_VCPU_HOUR, ResourceMeter
 from emr_job.featurize import (
     FAILED,
     FILE,
@@ -77,6 +78,8 @@ class JobConfig:
     # cleanup_due_at) and the pipeline starts one then, so erased rows leave every file within the hour.
     keep_snapshots_hours: float = 0.5
     launch_id: Optional[str] = None  # the pipeline run that launched this job (markers of earlier ones are dead)
+    price_vcpu_hour: float = PRICE_VCPU_HOUR  # what the report's estimated price is computed with
+    price_gb_hour: float = PRICE_GB_HOUR
     glue_database: Optional[str] = None  # Glue database whose tables follow the published ones
     engine: str = "onnx"  # what runs the network: "onnx" (ONNX Runtime) or "tensorflow" (the reference)
     # Work this small runs in the driver: a Spark job costs seconds to start (JVM, Python workers) on any
@@ -127,6 +130,7 @@ class RunContext:
     report: dict = field(default_factory=dict)
     failure_rows: list = field(default_factory=list)  # the failures table as this run publishes it
     run_files: dict = field(default_factory=dict)  # name -> bytes, under runs/<run_id>/
+    meter: ResourceMeter = field(default_factory=ResourceMeter)  # vCPU and GB over time, for the run's cost
 
     def step(self, name: str) -> None:
         if self.fail_at == name:
@@ -153,7 +157,7 @@ def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) 
 
 def plan(cfg: JobConfig, log, session=None, fail_at: Optional[str] = None) -> RunContext:
     """List the input, read the published store, and decide what to featurize and what to drop."""
-    timer = Timer()
+    timer, meter = Timer(), ResourceMeter()
     results = Results(cfg.output)
     weights = model.resolve_weights(cfg.weights, tempfile.mkdtemp(prefix="emr_job-"))
     files = live_files(results.table("features"))
@@ -164,7 +168,7 @@ def plan(cfg: JobConfig, log, session=None, fail_at: Optional[str] = None) -> Ru
     timer.lap("plan")
     log(f"{made.featurize.num_rows} images to featurize, {made.reused} unchanged in the store, "
         f"{made.removed} removed")  # fmt: skip
-    ctx = RunContext(cfg, log, new_run_id(), timer, results, weights, files, made, session, fail_at)
+    ctx = RunContext(cfg, log, new_run_id(), timer, results, weights, files, made, session, fail_at, meter=meter)
     ctx.compact = any(len(f.deleted) for f in files) or (
         sum(f.rows - len(f.deleted) < ROWS_PER_FILE // 4 for f in files) > SMALL_FILES_TO_COMPACT
     )
@@ -214,6 +218,7 @@ def featurize(ctx: RunContext) -> None:
             ctx.network = pool.submit(model.payload, ctx.weights, cfg.engine)
         if not (featurize_here and tables_here):
             ctx.spark = ctx.session() if ctx.session else _local_session()
+            ctx.meter.attach(ctx.spark)
         ctx.timer.lap("start")
         ctx.commit = _new_commit(ctx)
         ctx.step("start")
@@ -338,6 +343,7 @@ def publish(ctx: RunContext) -> None:
     rpt["html"] = f"runs/{ctx.run_id}/report.html"
     rpt["timings_s"] = ctx.timer.total()
     rpt["images_per_second"] = round(rpt["images_featurized"] / max(ctx.timer.stages.get("featurize", 0.0), 1e-9), 2)
+    rpt["resources"] = ctx.meter.summary(ctx.cfg.price_vcpu_hour, ctx.cfg.price_gb_hour)
     rpt["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     ctx.run_files["report.html"] = report.html(rpt, ctx.run_files, ctx.failure_rows)
     run_dir = storage.join(ctx.results.root, "runs", ctx.run_id)

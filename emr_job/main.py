@@ -12,7 +12,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by spark-submit: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from emr_job.images import ImageError  # noqa: E402  (after the sys.path fix above)
+from emr_job.cost import PRICE_GB_HOUR, PRICE_VCPU_HOUR  # noqa: E402  (after the sys.path fix above)
+from emr_job.images import ImageError  # noqa: E402
 from emr_job.model import WeightsError  # noqa: E402
 from emr_job.pca import PcaError  # noqa: E402
 
@@ -40,6 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="superseded table snapshots (and files only they reach) stay this long for readers (default 0.5)",
     )  # fmt: skip
     parser.add_argument("--launch-id", help="the pipeline run that launched this job (set by the pipeline)")
+    parser.add_argument("--price-vcpu-hour", type=float, default=PRICE_VCPU_HOUR,
+                        help=f"USD per vCPU-hour, for the report's cost (default {PRICE_VCPU_HOUR})")  # fmt: skip
+    parser.add_argument("--price-gb-hour", type=float, default=PRICE_GB_HOUR,
+                        help=f"USD per GB-hour, for the report's cost (default {PRICE_GB_HOUR})")  # fmt: skip
     parser.add_argument("--glue-database", help="Glue database whose tables follow the published ones (on AWS)")
     args = parser.parse_args(argv)
     if args.variance is not None and not 0 < args.variance <= 1:
@@ -78,6 +83,8 @@ def main(argv=None) -> int:
         io_threads=args.io_threads,
         keep_snapshots_hours=args.keep_snapshots_hours,
         launch_id=args.launch_id,
+        price_vcpu_hour=args.price_vcpu_hour,
+        price_gb_hour=args.price_gb_hour,
         glue_database=args.glue_database,
         engine=args.engine,
     )

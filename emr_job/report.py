@@ -104,6 +104,10 @@ def summary(report: dict) -> str:
     )
     stages = ", ".join(f"{name} {t[name]:.1f}s" for name in ("featurize", "pca") if name in t)
     lines.append(f"speed: {speed}; total {t['total']:.1f}s ({stages})")
+    if report.get("resources"):
+        r = report["resources"]
+        lines.append(f"resources: {r['vcpu_seconds']:.0f} vCPU-s, {r['gb_seconds']:.0f} GB-s, about"
+                     f" ${r['estimated_usd']:.4f} at EMR Serverless prices ({r['basis']})")  # fmt: skip
     for reason, count in sorted(report["failures_by_reason"].items(), key=lambda kv: -kv[1])[:5]:
         lines.append(f"failed: {count} x {reason}")
     lines.append(f"results: {report['output']}/report.json")
@@ -155,6 +159,15 @@ def html(report: dict, run_files: dict, failure_rows: list) -> bytes:
     )
     timings = "".join(f"<tr><td>{e(k)}</td>{field(f'timings_s.{k}', v, '{:.1f} s')}</tr>"
                       for k, v in report["timings_s"].items())  # fmt: skip
+    cost = ""
+    if report.get("resources"):
+        r = report["resources"]
+        rows = [("vCPU-seconds", "vcpu_seconds", "{:.0f}"), ("GB-seconds", "gb_seconds", "{:.0f}"),
+                ("estimated price (USD)", "estimated_usd", "{:.4f}")]  # fmt: skip
+        cells = "".join(f"<tr><td>{name}</td>{field(f'resources.{key}', r[key], fmt)}</tr>" for name, key, fmt in rows)
+        cost = (f"<h2>Resources</h2><table>{cells}</table><p>At {r['prices']['usd_per_vcpu_hour']} USD per vCPU-hour"
+                f" and {r['prices']['usd_per_gb_hour']} USD per GB-hour (EMR Serverless); {e(r['basis'])}. On AWS, the"
+                " job-state function records what EMR measured for the run.</p>")  # fmt: skip
     if report.get("k"):
         pca = (f"<p><span data-field=\"k\">{report['k']}</span> components explain "
                f"<span data-field=\"explained_variance_total\">{report['explained_variance_total']:.1%}</span> of the "
@@ -191,6 +204,7 @@ img {{ max-width: 100%; display: block; margin: .5em 0 }} .caveat {{ color: #a33
 <p>The first {len(first)} of {report["images_failed"]} by path:</p>
 <table><tr><th>file</th><th>label</th><th>reason</th></tr>{failures}</table>
 <h2>Timings</h2><table>{timings}</table>
+{cost}
 <h2>Files</h2><p>Tables: <code>{e(report["output"])}/tables/</code> (features, pca, failures; Apache Iceberg).
 Fitted model: <code>{e(str(report.get("model")))}</code>. Machine-readable: <code>report.json</code>.</p>
 </body></html>

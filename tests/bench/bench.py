@@ -6,6 +6,9 @@
               same images, and Spark's predict_batch_udf (capped at 8 GB and 20 min; --no-predict-batch-udf
               skips it); re-runs with nothing changed and with 1% new; the job and the peer on SCALE_N images
               (peak RSS should not grow with N)
+  photos      PHOTOS camera-size photos (12 MP JPEGs with every EXIF orientation, some PNGs, two of 48 MP): the
+              decode limit (the job's own decoding, one process per core), the project cold, the peer; then
+              one line with every ratio against issue 17's targets
   pca         emr_job.pca against pyspark.ml.feature.PCA on the same 20,000 x 1280 features, k=100
   trigger     the trigger on 10 and on 10,000 records after a million changes (moto): AWS calls, time
   daily       the daily pass's digest of 100,000 objects under images/ (a moto server in its own process, so the
@@ -202,6 +205,134 @@ def save_weights(path: Path) -> None:
         " build_network().save_weights(sys.argv[1])"
     )
     subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=ENV, check=True, capture_output=True)
+
+
+# --- camera photos -------------------------------------------------------------------------------------
+def _photo(args: tuple) -> str:
+    """One photo-like image (smooth colour fields with fine grain), saved as the bench's camera photos are."""
+    import numpy as np
+    from PIL import Image, ImageChops
+
+    root, i, n, seed = args
+    rng = np.random.default_rng([seed, i])
+    w, h = (8000, 6000) if i in (7, n // 2) else (4032, 3024)
+    small = Image.fromarray((rng.random((h // 64 + 1, w // 64 + 1, 3)) * 255).astype(np.uint8))
+    grain = Image.fromarray(np.repeat(rng.integers(122, 135, (h, w, 1), dtype=np.uint8), 3, axis=2))
+    img = ImageChops.add(small.resize((w, h), Image.BICUBIC), grain, offset=-128)  # grain of -6..6 levels
+    folder = Path(root) / f"camera{i % 4}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if i % 20 == 19:
+        img.save(folder / f"{i:05d}.png", compress_level=1)
+        return "png"
+    exif = Image.Exif()
+    exif[0x0112] = 1 + i % 8  # Orientation
+    img.save(folder / f"{i:05d}.jpg", quality=92, exif=exif)
+    return "jpeg_48mp" if w == 8000 else "jpeg_12mp"
+
+
+def make_photos(root: Path, n: int, seed: int = 0) -> dict:
+    """n camera-size photos under root/<label>/: 12 MP (4032x3024) JPEGs with every EXIF orientation, one in 20 a
+    12 MP PNG, and two 48 MP JPEGs; about 3 MB a JPEG. Made on every core."""
+    from collections import Counter
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        kinds = Counter(pool.map(_photo, [(str(root), i, n, seed) for i in range(n)], chunksize=8))
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    return {**dict(sorted(kinds.items())), "mean_mb": round(size / n / 1e6, 2)}
+
+
+DECODE_CODE = """
+import json, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from emr_job.images import decode_image
+
+def one(path):
+    with open(path, "rb") as fh:
+        data = fh.read()
+    start = time.perf_counter()
+    decode_image(data)
+    return time.perf_counter() - start
+
+paths = sorted(str(p) for p in Path(sys.argv[1]).rglob("*") if p.is_file())
+with ProcessPoolExecutor(os.cpu_count()) as pool:
+    list(pool.map(one, paths[: os.cpu_count()]))  # workers started and imports done before the clock
+    start = time.perf_counter()
+    busy = sum(pool.map(one, paths))
+    wall = time.perf_counter() - start
+print(json.dumps({"limit_img_s": len(paths) / wall, "ms_per_image_one_core": 1000 * busy / len(paths)}))
+"""
+
+
+def decode_limit(photos: Path) -> dict:
+    """The job's own decoding (emr_job.images.decode_image) on the files, one process per core, nothing else."""
+    out = subprocess.run([sys.executable, "-c", DECODE_CODE, str(photos)], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True)  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def photo_benchmark(work: Path, n: int, weights: Path, log) -> dict:
+    """Camera photos: the decode limit, the project cold, and the usual approach, on the same files."""
+    photos = work / "photos"
+    log(f"making {n} camera photos")
+    made = make_photos(photos, n)
+    limit = decode_limit(photos)
+    log(f"decode limit {limit['limit_img_s']:.1f} img/s; the project cold on {n} photos")
+    ran = job(photos, work / "out-photos", weights)
+    featurize_s = ran["stages_s"]["featurize"]
+    log("the peer on the photos")
+    usual = peer(photos, work / "peer-photos", weights, ran["report"]["k"])
+    shutil.rmtree(work / "peer-photos", ignore_errors=True)
+    shutil.rmtree(photos)
+    return {
+        "n": n,
+        "photos": made,
+        "decode_limit_img_s": round(limit["limit_img_s"], 1),
+        "decode_ms_per_image_one_core": round(limit["ms_per_image_one_core"], 1),
+        "job_wall_s": ran["wall_s"],
+        "job_img_s": round(n / ran["wall_s"], 1),
+        "ratio_to_decode_limit": round(n / ran["wall_s"] / limit["limit_img_s"], 3),
+        "featurize_img_s": round(n / featurize_s, 1),
+        "featurize_ratio_to_decode_limit": round(n / featurize_s / limit["limit_img_s"], 3),
+        "stages_s": ran["stages_s"],
+        "peak_rss_total_mb": ran["peak_rss_total_mb"],
+        "peer_wall_s": usual["wall_s"],
+        "peer_img_s": round(n / usual["wall_s"], 1),
+        "project_over_peer": round(usual["wall_s"] / ran["wall_s"], 2),
+    }
+
+
+TARGETS = {  # issue 17: end to end, and the featurize stage, against the limit that binds
+    "small_20k": (0.85, 0.92),
+    "small_5k": (0.6, None),
+    "photos": (0.75, 0.9),
+}
+
+
+def ratios(r: dict) -> str:
+    """Every ratio against its target, on one line."""
+
+    def mark(value, target):
+        return f"{value}x" + ("" if target is None else f" ({'met' if value >= target else 'MISSED'}: {target}x)")
+
+    parts = []
+    if "limit_onnx_img_s" in r:
+        parts.append(f"small {r['n']}: end to end {mark(r['ratio_to_onnx_limit'], TARGETS['small_5k'][0])},"
+                     f" featurize {r['featurize_ratio_to_onnx_limit']}x of ONNX Runtime's limit")  # fmt: skip
+    if "scale" in r and "featurize_ratio_to_onnx_limit" in r["scale"]:
+        big, (e2e, feat) = r["scale"], TARGETS["small_20k"]
+        parts.append(f"small {big['n']}: end to end {mark(big['ratio_to_onnx_limit'], e2e)},"
+                     f" featurize {mark(big['featurize_ratio_to_onnx_limit'], feat)};"
+                     f" peak RSS {r['peak_rss_total_mb']} -> {big['peak_rss_total_mb']} MB")  # fmt: skip
+    if "photos" in r:
+        ph, (e2e, feat) = r["photos"], TARGETS["photos"]
+        parts.append(f"photos {ph['n']}: end to end {mark(ph['ratio_to_decode_limit'], e2e)},"
+                     f" featurize {mark(ph['featurize_ratio_to_decode_limit'], feat)} of the decode limit"
+                     f" ({ph['decode_limit_img_s']} img/s); project / peer {ph['project_over_peer']}x")  # fmt: skip
+    return "ratios: " + " | ".join(parts)
 
 
 # --- PCA -----------------------------------------------------------------------------------------------
@@ -597,6 +728,7 @@ def job_benchmark(work: Path, args, log) -> dict:
             "job_img_s": round(args.scale_n / scaled["wall_s"], 1),
             "ratio": round(args.scale_n / scaled["wall_s"] / limit, 3),
             "ratio_to_onnx_limit": round(args.scale_n / scaled["wall_s"] / limit_onnx, 3),
+            "featurize_ratio_to_onnx_limit": round(args.scale_n / scaled["stages_s"]["featurize"] / limit_onnx, 3),
             "stages_s": scaled["stages_s"],
             "peak_rss_mb": scaled["peak_rss_mb"],
             "peak_rss_total_mb": scaled["peak_rss_total_mb"],
@@ -634,7 +766,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench-out"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--stored", type=int, default=1_000_000, help="stored images for the planning section")
-    parser.add_argument("--only", choices=["job", "pca", "trigger", "daily", "reconcile", "listing", "query"],
+    parser.add_argument("--photos", type=int, default=1000, help="camera photos for the photos section")
+    parser.add_argument("--only", choices=["job", "photos", "pca", "trigger", "daily", "reconcile", "listing", "query"],
                         help="run one section")  # fmt: skip
     parser.add_argument("--no-predict-batch-udf", dest="predict_batch_udf", action="store_false",
                         help="skip Spark's predict_batch_udf (the slowest part)")  # fmt: skip
@@ -646,6 +779,13 @@ def main(argv=None) -> int:
     result: dict = {"machine": machine()}
     if args.only in (None, "job"):
         result.update(job_benchmark(work, args, log))
+    if args.only in (None, "photos"):
+        weights = work / "weights.weights.h5"
+        if not weights.exists():
+            save_weights(weights)
+        result["photos"] = photo_benchmark(work, args.photos, weights, log)
+    if args.only in (None, "job", "photos"):
+        log(ratios(result))
     if args.only in (None, "pca"):
         log("pca: ours against pyspark.ml")
         result["pca"] = pca_benchmark(work)

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     spark.sparkContext.setLogLevel("ERROR")
     images = (
         spark.read.format("binaryFile")
-        .option("pathGlobFilter", "*.jpg")
+        .option("pathGlobFilter", "*.{jpg,png}")  # the bench writes both
         .option("recursiveFileLookup", "true")
         .load(args.input)
         .withColumn("label", F.element_at(F.split(F.col("path"), "/"), -2))

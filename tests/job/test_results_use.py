@@ -191,6 +191,9 @@ def test_report_html_shows_the_figures_of_report_json(store):
     assert rpt["labels"]["Kiwi"] == {"images": 6, "failed": 2}
     for name in ("broken.jpg", "empty.png"):  # the first failures are listed by path
         assert name in (out / rpt["html"]).read_text()
+    for key in ("vcpu_seconds", "gb_seconds"):
+        assert f[f"resources.{key}"] == f"{rpt['resources'][key]:.0f}" and rpt["resources"][key] > 0
+    assert f["resources.estimated_usd"] == f"{rpt['resources']['estimated_usd']:.4f}"
     assert len(page.images) == 2  # the plots, inline: the page needs no other file
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
