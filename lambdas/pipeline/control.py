@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Optional
 
+from pipeline import costs
 from pipeline.inputs import current_inputs, published_report
 from pipeline.launchers import JobOutcome, StartBlocked, StartRefused
 from pipeline.notifications import TICK
@@ -294,6 +295,8 @@ def _alert_once(p: Pipeline, run: Run, incident: str, subject: str, state: str, 
 def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
     run, s = state.run, p.settings
     record = {"run_id": run.run_id, "state": outcome.state, "attempt": run.attempt, "detail": outcome.detail[:500]}
+    used = costs.summary(outcome.usage, s.price_vcpu_hour, s.price_gb_hour) if outcome.usage else {}
+    record.update(costs.as_strings(used))  # the reconciler's answer from EMR says already what the job used
     if run.cancel_requested_at:
         record["cancelled"] = "past its timeout, by the reconciler"
     alert = None
@@ -316,9 +319,27 @@ def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
         logger.info("run already settled by another invocation", extra={"run_id": run.run_id})
         return
     count("RunsSucceeded" if outcome.succeeded else "RunsFailed")
-    logger.info("run settled", extra={**record, "cleanup_at": cleanup_at})
+    if outcome.usage is None and outcome.job_id:
+        used = _usage_after_settle(p, run, outcome.job_id)
+    costs.emit(used)
+    logger.info("run settled", extra={**record, **costs.as_strings(used), "cleanup_at": cleanup_at})
     if alert:
         flush_alert(p, p.state.read())
+
+
+def _usage_after_settle(p: Pipeline, run: Run, job_id: str) -> dict:
+    """What the run used, which EMR's end event does not say: asked of EMR once the run is settled, so that EMR's
+    errors or slowness never hold the settle up, and added to last_run. A failure records nothing."""
+    s = p.settings
+    try:
+        used = costs.summary(p.launcher.usage(job_id), s.price_vcpu_hour, s.price_gb_hour)
+        if used:
+            p.state.record_usage(run.run_id, costs.as_strings(used))
+        return used
+    except Exception:
+        logger.exception("the run's resource use could not be read or recorded", extra={"run_id": run.run_id})
+        count("RunUsageUnreadable")
+        return {}
 
 
 def _cleanup_after(p: Pipeline, state: State) -> tuple:

@@ -1,5 +1,6 @@
 """Two engines behind one small interface: start(run_id) -> job id, find(run_id) -> the job a run started or None,
-status(job_id) -> outcome or None while it runs, cancel(job_id), and their EventBridge state events -> outcome."""
+status(job_id) -> outcome or None while it runs, usage(job_id) -> what the job used, cancel(job_id), and their
+EventBridge state events -> outcome."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Optional
 
 from botocore.exceptions import ClientError
 
+from pipeline.costs import ec2_usage, serverless_usage
 from pipeline.settings import Settings
 
 ACTIVE_CLUSTER_STATES = ["STARTING", "BOOTSTRAPPING", "RUNNING", "WAITING"]
@@ -97,6 +99,7 @@ class JobOutcome:
     succeeded: bool
     state: str
     detail: str = ""
+    usage: Optional[dict] = None  # what the job used, when the answer that ended it said (None: ask usage())
 
 
 def _run_time(run_id: str) -> float:
@@ -178,12 +181,18 @@ class ServerlessLauncher:
             run = self.client.get_job_run(applicationId=self.s.emr_application_id, jobRunId=job_id)["jobRun"]
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ResourceNotFoundException":
-                return JobOutcome(self.engine, job_id, False, "NOT_FOUND", "EMR Serverless has no such job run")
+                return JobOutcome(self.engine, job_id, False, "NOT_FOUND", "EMR Serverless has no such job run", {})
             raise
         state = run["state"]
         if state not in self.TERMINAL:
             return None
-        return JobOutcome(self.engine, job_id, self.TERMINAL[state], state, safe_detail(run.get("stateDetails", "")))
+        return JobOutcome(self.engine, job_id, self.TERMINAL[state], state, safe_detail(run.get("stateDetails", "")),
+                          serverless_usage(run))  # fmt: skip
+
+    def usage(self, job_id: str) -> dict:
+        """What the job run used (its state-change event does not say)."""
+        run = self.client.get_job_run(applicationId=self.s.emr_application_id, jobRunId=job_id)["jobRun"]
+        return serverless_usage(run)
 
     def cancel(self, job_id: str) -> None:
         """Ask EMR to cancel the job run: it goes CANCELLING, then CANCELLED (asynchronous, like its end event)."""
@@ -283,11 +292,16 @@ class Ec2Launcher:
             if state in self.STEP_TERMINAL:
                 reason = step["Status"].get("FailureDetails", {}).get("Reason", "")
                 return JobOutcome(self.engine, job_id, self.STEP_TERMINAL[state], state, safe_detail(reason))
-        cluster = self.client.describe_cluster(ClusterId=job_id)["Cluster"]["Status"]
-        if cluster["State"].startswith("TERMINATED"):
-            return JobOutcome(self.engine, job_id, False, cluster["State"],
-                              safe_detail(cluster.get("StateChangeReason", {}).get("Message", "")))  # fmt: skip
+        cluster = self.client.describe_cluster(ClusterId=job_id)["Cluster"]
+        status = cluster["Status"]
+        if status["State"].startswith("TERMINATED"):
+            reason = safe_detail(status.get("StateChangeReason", {}).get("Message", ""))
+            return JobOutcome(self.engine, job_id, False, status["State"], reason, ec2_usage(cluster))
         return None
+
+    def usage(self, job_id: str) -> dict:
+        """The cluster's normalized instance hours so far: a step's end comes before the cluster's termination."""
+        return ec2_usage(self.client.describe_cluster(ClusterId=job_id)["Cluster"])
 
     def cancel(self, job_id: str) -> None:
         """Terminate the run's cluster: EMR cancels its step and stops the instances (asynchronous, minutes)."""

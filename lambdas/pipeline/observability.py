@@ -18,6 +18,11 @@ def count(name: str, value: int = 1) -> None:
         metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
 
 
+def measure(name: str, value: float) -> None:
+    """A figure that is not a count (hours, dollars): CloudWatch has no unit for them."""
+    metrics.add_metric(name=name, unit=MetricUnit.NoUnit, value=value)
+
+
 def digest(text: str) -> str:
     """A short, stable pseudonym for a key or body, to correlate log lines without exposing the name."""
     return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:12]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ ENV_VARS: dict = {
     "EMR_INSTANCE_PROFILE": "",
     "RUN_NAME_PREFIX": "image-features",
     "GLUE_DATABASE": "",
+    # USD per vCPU-hour and per GB-hour of memory of EMR Serverless, to estimate each run's cost; empty: no estimate.
+    "PRICE_VCPU_HOUR": "",
+    "PRICE_GB_HOUR": "",
     # What a run executes, put in place by the stack's JobArtifacts custom resource under content-keyed folders, so
     # a run keeps the version it started with (lambdas/artifacts/, emr_job/package.py).
     "ARTIFACTS_VERSION": None,
@@ -83,6 +87,8 @@ class Settings:
     emr_instance_profile: str
     run_name_prefix: str
     glue_database: str
+    price_vcpu_hour: Optional[float]
+    price_gb_hour: Optional[float]
     artifacts_version: str
     job_entry_uri: str
     job_archive_uri: str
@@ -98,7 +104,11 @@ class Settings:
             "--weights", self.weights_uri,
             "--variance", str(self.pca_variance),
             "--launch-id", run_id,
-        ] + (["--glue-database", self.glue_database] if self.glue_database else [])  # fmt: skip
+        ] + (["--glue-database", self.glue_database] if self.glue_database else []) + (
+            # The job's report estimates its cost with the same prices as the state item's last_run
+            ["--price-vcpu-hour", str(self.price_vcpu_hour), "--price-gb-hour", str(self.price_gb_hour)]
+            if self.price_vcpu_hour is not None else []
+        )  # fmt: skip
 
 
 def _prefix(name: str, value: str) -> str:
@@ -121,6 +131,18 @@ def _int(name: str, value: str, low: int) -> int:
     if number < low:
         raise SettingsError(f"{name} must be at least {low}, got {number}")
     return number
+
+
+def _price(name: str, value: str) -> Optional[float]:
+    if not value.strip():
+        return None
+    try:
+        price = float(value)
+    except ValueError:
+        price = -1.0
+    if not 0 <= price < math.inf:
+        raise SettingsError(f"{name} must be a price in USD (a number, 0 or more), got {value!r}")
+    return price
 
 
 def load(environ: Mapping[str, str] = os.environ) -> Settings:
@@ -147,6 +169,9 @@ def load(environ: Mapping[str, str] = os.environ) -> Settings:
         variance = -1.0
     if not 0 < variance <= 1:
         raise SettingsError(f"PCA_VARIANCE must be in (0, 1], got {raw['PCA_VARIANCE']!r}")
+    prices = _price("PRICE_VCPU_HOUR", raw["PRICE_VCPU_HOUR"]), _price("PRICE_GB_HOUR", raw["PRICE_GB_HOUR"])
+    if (prices[0] is None) != (prices[1] is None):
+        raise SettingsError("PRICE_VCPU_HOUR and PRICE_GB_HOUR are set together, or both left empty (no estimate)")
     return Settings(
         bucket=raw["BUCKET"],
         table_name=raw["TABLE_NAME"],
@@ -175,6 +200,8 @@ def load(environ: Mapping[str, str] = os.environ) -> Settings:
         emr_instance_profile=raw["EMR_INSTANCE_PROFILE"],
         run_name_prefix=raw["RUN_NAME_PREFIX"],
         glue_database=raw["GLUE_DATABASE"],
+        price_vcpu_hour=prices[0],
+        price_gb_hour=prices[1],
         artifacts_version=raw["ARTIFACTS_VERSION"],
         job_entry_uri=_s3_uri("JOB_ENTRY_URI", raw["JOB_ENTRY_URI"]),
         job_archive_uri=_s3_uri("JOB_ARCHIVE_URI", raw["JOB_ARCHIVE_URI"]),

@@ -12,7 +12,8 @@ times, never an object key.
   failures           consecutive failed runs; retry_at: not before; given_up_gen: no automatic run until gen moves
   given_up_on        what the run that gave up had: artifacts (ARTIFACTS_VERSION) and inputs (the images/ digest's
                      SHA-256, when it could be listed); the daily pass restarts it only if either has changed
-  last_run           outcome of the last settled run, for people and alerts
+  last_run           outcome of the last settled run, for people and alerts, with what it used and an estimate of
+                     its price where EMR said (pipeline/costs.py)
   alert              an alert not yet sent (outbox: sent, then removed), so a failed publish is never lost
   cleanup_at         when a run must start so that the files of superseded snapshots go (erasure bound), from the
                      published report's maintenance.cleanup_due_at; cleanup_guessed: that time is a guess, the
@@ -288,6 +289,13 @@ class PipelineState:
             values[":alert"] = _strings(alert)
         expression = f"SET {', '.join(sets)} REMOVE {', '.join(removes)}"
         self._update(expression, values, condition="#run.run_id = :id", names={"#run": "run"})
+
+    def record_usage(self, run_id: str, figures: dict) -> None:
+        """Add what a settled run used to its last_run. Conflict: another run has settled since."""
+        names = {f"#f{i}": name for i, name in enumerate(figures)}
+        values = {f":f{i}": _s(str(value)) for i, value in enumerate(figures.values())}
+        sets = ", ".join(f"last_run.{name} = {name.replace('#', ':')}" for name in names)
+        self._update(f"SET {sets}", {**values, ":id": _s(run_id)}, condition="last_run.run_id = :id", names=names)
 
     def clear_alert(self, alert_id: str) -> None:
         # Conflict: a newer alert replaced it, or another invocation sent and removed it already.

@@ -9,12 +9,16 @@ from moto import mock_aws
 
 from tests.lambdas.stack import BUCKET, REGION, create_stack, job_runs, set_job_state  # noqa: F401  (tests import here)
 
+# template.yaml's default prices for Architecture=ARM64 (its ServerlessListPrices mapping)
+PRICES = {"PRICE_VCPU_HOUR": "0.042094", "PRICE_GB_HOUR": "0.004628"}
+
 
 @pytest.fixture
 def aws(monkeypatch):
     """The stack's AWS side in moto, and the environment template.yaml gives the functions."""
     with mock_aws():
         stack = create_stack()
+        stack.env.update(PRICES)
         for name, value in stack.env.items():
             monkeypatch.setenv(name, value)
         stack.monkeypatch = monkeypatch

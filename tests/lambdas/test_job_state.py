@@ -180,6 +180,111 @@ def test_an_end_event_before_the_job_id_is_recorded_is_settled_later(aws, trigge
     assert "run" not in state_item(aws)
 
 
+# --- what each run used and cost, where people look -------------------------------------------------------------
+USED = {"vCPUHour": 0.5, "memoryGBHour": 2.0, "storageGBHour": 5.0}
+BILLED = {"vCPUHour": 0.6, "memoryGBHour": 2.4, "storageGBHour": 0.0}  # a minute per worker at least; 20 GB free
+
+
+def emr_measures(aws, job_state, total=USED, billed=BILLED) -> list:
+    """GetJobRun answers with what EMR measured (moto gives no totalResourceUtilization and a billed one of zeros).
+    Returns the job runs it was asked about."""
+    client = job_state.PIPELINE.launcher.client
+    real, asked = client.get_job_run, []
+
+    def get_job_run(**kwargs):
+        asked.append(kwargs["jobRunId"])
+        answer = real(**kwargs)
+        answer["jobRun"].update(totalResourceUtilization=dict(total), billedResourceUtilization=dict(billed))
+        return answer
+
+    aws.monkeypatch.setattr(client, "get_job_run", get_job_run)
+    return asked
+
+
+def last_run(aws) -> dict:
+    return {k: v["S"] for k, v in state_item(aws)["last_run"]["M"].items()}
+
+
+def test_a_settled_run_records_what_emr_measured_and_its_price(aws, trigger, job_state, clock, lambda_context,
+                                                               capsys):  # fmt: skip
+    # Given a run, and what EMR measured of it
+    upload(trigger, clock, lambda_context)
+    job = active_job(aws)
+    asked = emr_measures(aws, job_state)
+    capsys.readouterr()
+
+    # When its end event comes (it says nothing of resources), and comes again
+    job_state.lambda_handler(serverless_state(job, aws.app_id, "SUCCESS"), lambda_context)
+    job_state.lambda_handler(serverless_state(job, aws.app_id, "SUCCESS"), lambda_context)
+
+    # Then last_run holds the hours used and billed, and the price of the billed ones at the stack's prices
+    last, usd = last_run(aws), 0.6 * 0.042094 + 2.4 * 0.004628
+    assert (last["vcpu_hours"], last["memory_gb_hours"], last["storage_gb_hours"]) == ("0.5", "2", "5")
+    billed = (last["billed_vcpu_hours"], last["billed_memory_gb_hours"], last["billed_storage_gb_hours"])
+    assert billed == ("0.6", "2.4", "0")
+    assert last["estimated_usd"] == f"{usd:.4f}" == "0.0364" and last["priced_on"] == "billed"
+    assert last["prices_usd"] == "0.042094 per vCPU-hour, 0.004628 per GB-hour" and last["state"] == "SUCCESS"
+    # ... asked of EMR once, as metrics too, and still no object key in the state item
+    assert asked == [job]
+    sent = metrics_out(capsys.readouterr().out)
+    assert sent["RunVcpuHours"] == 0.6 and sent["RunMemoryGbHours"] == 2.4 and sent["RunsSucceeded"] == 1
+    assert sent["RunEstimatedUsd"] == pytest.approx(usd)
+    assert "1.jpg" not in json.dumps(state_item(aws))
+
+
+def test_a_run_the_schedule_settles_is_measured_from_the_same_answer(aws, trigger, job_state, clock,
+                                                                     lambda_context):  # fmt: skip
+    # Given a run whose end event was lost, and an EMR that reports no billed figures
+    upload(trigger, clock, lambda_context)
+    job = active_job(aws)
+    asked = emr_measures(aws, job_state, billed={})
+
+    # When the schedule asks EMR and settles it
+    assert reconcile(job_state, lambda_context)["reconciled"] == "settled"
+
+    # Then one GetJobRun served both, and the estimate is on the hours used
+    last = last_run(aws)
+    assert asked == [job] and last["priced_on"] == "used" and "billed_vcpu_hours" not in last
+    assert last["estimated_usd"] == f"{0.5 * 0.042094 + 2.0 * 0.004628:.4f}"
+
+
+def test_resource_use_emr_cannot_tell_never_holds_up_the_settle(aws, trigger, job_state, clock, lambda_context,
+                                                                 capsys):  # fmt: skip
+    # Given a run that fails, and EMR's GetJobRun failing too
+    upload(trigger, clock, lambda_context)
+    job = active_job(aws)
+
+    def emr_down(**kwargs):
+        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "GetJobRun")
+
+    aws.monkeypatch.setattr(job_state.PIPELINE.launcher.client, "get_job_run", emr_down)
+    capsys.readouterr()
+
+    # When its end event comes, twice
+    failed = serverless_state(job, aws.app_id, "FAILED")
+    results = [job_state.lambda_handler(failed, lambda_context) for _ in range(2)]
+
+    # Then it is settled once with one alert, as ever, and records no figures; the miss is counted
+    assert results[0]["succeeded"] is False and results[1]["settled"] is None
+    item, last = state_item(aws), last_run(aws)
+    assert "run" not in item and item["failures"]["N"] == "1" and last["state"] == "FAILED"
+    assert not {"vcpu_hours", "estimated_usd", "billed_vcpu_hours"} & set(last)
+    [alert] = alerts(aws)
+    assert alert["state"] == "FAILED" and "retrying in 5" in alert["detail"]
+    sent = metrics_out(capsys.readouterr().out)
+    assert sent["RunUsageUnreadable"] == 1 and sent["RunsFailed"] == 1 and "RunEstimatedUsd" not in sent
+
+
+def test_without_prices_a_run_is_measured_but_not_priced(aws, trigger, job_state, clock, lambda_context):
+    tune(aws, job_state, price_vcpu_hour=None, price_gb_hour=None)
+    upload(trigger, clock, lambda_context)
+    job = active_job(aws)
+    emr_measures(aws, job_state)
+    job_state.lambda_handler(serverless_state(job, aws.app_id, "SUCCESS"), lambda_context)
+    last = last_run(aws)
+    assert last["vcpu_hours"] == "0.5" and "estimated_usd" not in last and "prices_usd" not in last
+
+
 # --- a run that never ends: cancelled past its timeout, settled once EMR says it ended ----------------------
 PAST_TIMEOUT = 180 * 60 + 901  # JOB_TIMEOUT_MINUTES (180) plus TIMEOUT_SLACK_S
 
@@ -823,6 +928,9 @@ def test_ec2_engine_runs_a_transient_cluster_with_one_step_under_a_timeout(aws, 
     assert args[args.index("--launch-id") + 1] == state_item(aws)["run"]["M"]["run_id"]["S"]
     assert step["Name"] == cluster["Name"] and cluster["Name"].startswith("image-features-run-")
     assert "--manifest" not in args and args[args.index("--input") + 1] == "s3://photos-eu/images/"
+    # ... with the prices its report estimates the run's cost with, the same as the state item's
+    assert args[args.index("--price-vcpu-hour") + 1] == "0.042094"
+    assert args[args.index("--price-gb-hour") + 1] == "0.004628"
     # Nothing installed at boot: the step brings the stack's runtime archive (tests/test_rollout.py runs it)
     assert aws.emr.list_bootstrap_actions(ClusterId=cluster["Id"])["BootstrapActions"] == []
     assert args[args.index("--archives") + 1] == aws.env["RUNTIME_ARCHIVE_URI"] + "#environment"
@@ -858,6 +966,30 @@ def test_ec2_step_and_cluster_events_settle_the_run_once(aws, ec2, lambda_contex
         "detail": {"clusterId": cluster_id, "state": "TERMINATED_WITH_ERRORS", "stateChangeReason": "{}"},
     }
     assert job_state.lambda_handler(cluster_event, lambda_context)["settled"] is None
+
+
+def test_ec2_a_settled_run_records_the_clusters_normalized_instance_hours(aws, ec2, lambda_context, capsys):
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.emr.models import emr_backends
+
+    trigger, job_state, clock = ec2
+    upload(trigger, clock, lambda_context)
+    cluster_id = aws.emr.list_clusters()["Clusters"][0]["Id"]
+    emr_backends[DEFAULT_ACCOUNT_ID][REGION].clusters[cluster_id].normalized_instance_hours = 24
+    capsys.readouterr()
+
+    # When its step's end event comes (the cluster still terminates then)
+    step_event = {
+        "detail-type": "EMR Step Status Change",
+        "source": "aws.emr",
+        "detail": {"clusterId": cluster_id, "stepId": "s-1", "state": "COMPLETED", "message": "done"},
+    }
+    job_state.lambda_handler(step_event, lambda_context)
+
+    # Then last_run holds the normalized hours as EMR gave them then, unpriced (they are m1.small-hours, not USD)
+    last = last_run(aws)
+    assert last["normalized_instance_hours"] == "24" and "estimated_usd" not in last
+    assert metrics_out(capsys.readouterr().out)["RunNormalizedInstanceHours"] == 24
 
 
 def test_ec2_a_run_past_its_timeout_has_its_cluster_terminated_and_settles_once(aws, ec2, lambda_context):
@@ -906,3 +1038,10 @@ def test_missing_configuration_names_the_variable(aws):
         load_settings({**aws.env, "EMR_APPLICATION_ID": ""})
     with pytest.raises(SettingsError, match="QUIET_SECONDS must be at most 900"):
         load_settings({**aws.env, "QUIET_SECONDS": "3600"})
+    with pytest.raises(SettingsError, match="PRICE_VCPU_HOUR and PRICE_GB_HOUR are set together"):
+        load_settings({**aws.env, "PRICE_GB_HOUR": ""})
+    with pytest.raises(SettingsError, match="PRICE_GB_HOUR must be a price in USD"):
+        load_settings({**aws.env, "PRICE_GB_HOUR": "0,0046"})
+    # No prices: no estimate, and the job is not given any (it has defaults of its own)
+    unpriced = load_settings({**aws.env, "PRICE_VCPU_HOUR": "", "PRICE_GB_HOUR": ""})
+    assert unpriced.price_vcpu_hour is None and "--price-vcpu-hour" not in unpriced.job_arguments("run-x")

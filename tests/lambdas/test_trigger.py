@@ -45,6 +45,9 @@ def test_a_batch_of_uploads_starts_one_run_of_the_whole_job(aws, trigger, clock,
     # ... with the job, its runtime and the weights of the deployed version (JobArtifacts' content-keyed folders)
     env = aws.env
     assert args[args.index("--weights") + 1] == env["WEIGHTS_URI"]
+    # ... and the prices its report estimates the run's cost with, the same as the state item's last_run
+    assert args[args.index("--price-vcpu-hour") + 1] == env["PRICE_VCPU_HOUR"]
+    assert args[args.index("--price-gb-hour") + 1] == env["PRICE_GB_HOUR"]
     assert driver["entryPoint"] == env["JOB_ENTRY_URI"]
     params = driver["sparkSubmitParameters"]
     assert f"--py-files {env['JOB_ARCHIVE_URI']}" in params
