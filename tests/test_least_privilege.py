@@ -15,7 +15,7 @@ import pytest
 
 from tests.iam import ACCOUNT, Call, allows, recorded_calls
 from tests.job.images import make_tree
-from tests.lambdas.conftest import BUCKET, Clock, load, s3_record, serverless_state, set_job_state, sqs_event
+from tests.lambdas.conftest import BUCKET, PRICES, Clock, load, s3_record, serverless_state, set_job_state, sqs_event
 from tests.lambdas.stack import create_stack
 from tests.template.cfn import ENGINES, policies, stack_values
 
@@ -72,7 +72,8 @@ def test_the_serverless_flow_needs_nothing_the_template_does_not_grant(recorder,
     # Given the stack on a moto server, and each role's calls signed with its own key
     stack = create_stack()
     stack.s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
-    for name, value in {**stack.env, "QUIET_SECONDS": "60"}.items():
+    # With the prices template.yaml gives: the job is run with them too (--price-vcpu-hour, --price-gb-hour)
+    for name, value in {**stack.env, **PRICES, "QUIET_SECONDS": "60"}.items():
         monkeypatch.setenv(name, value)
     stack.s3.upload_file(weights_file, BUCKET, stack.env["WEIGHTS_URI"].split("/", 3)[3])  # as JobArtifacts does
     for path in make_tree(str(tmp_path / "src"), labels=("Kiwi", "Apple"), per_label=2):
@@ -177,10 +178,12 @@ def test_the_ec2_flow_needs_nothing_the_template_does_not_grant(recorder, monkey
 
     calls = recorded_calls(recorder, KEYS)
     assert {"elasticmapreduce:RunJobFlow", "elasticmapreduce:ListClusters", "elasticmapreduce:ListSteps",
-            "elasticmapreduce:TerminateJobFlows", "iam:PassRole"} <= {c.action for c in calls}  # fmt: skip
+            "elasticmapreduce:TerminateJobFlows", "elasticmapreduce:DescribeCluster",  # the run's normalized hours
+            "iam:PassRole"} <= {c.action for c in calls}  # fmt: skip
     granted = stack_policies(stack, 1)
     check(calls, granted)
     assert job_state.PIPELINE.state.read().run is None  # settled
+    assert "normalized_instance_hours" in job_state.PIPELINE.state.read().last_run
     cluster = f"arn:aws:elasticmapreduce:eu-west-3:{ACCOUNT}:cluster/j-1"
     assert not allows(granted["trigger"], Call("trigger", "elasticmapreduce:TerminateJobFlows", cluster))  # reconciler
     assert json.dumps(sorted({c.principal for c in calls})) == '["job_state", "trigger"]'

@@ -403,6 +403,24 @@ def test_emr_serverless_application_is_cheap_when_idle():
     assert architecture["Default"] == "ARM64" and set(architecture["AllowedValues"]) == {"ARM64", "X86_64"}
 
 
+def test_runs_are_priced_at_the_list_prices_of_their_architecture_unless_the_deployer_gives_the_regions():
+    env = TEMPLATE["Globals"]["Function"]["Environment"]["Variables"]
+    prices = TEMPLATE["Mappings"]["ServerlessListPrices"]
+    for name, column in (("PRICE_VCPU_HOUR", "VcpuHour"), ("PRICE_GB_HOUR", "GbHour")):
+        parameter = "PriceVcpuHour" if column == "VcpuHour" else "PriceGbHour"
+        for arm64, key in ((True, "ARM64"), (False, "X86-64")):
+            listed = resolve(env[name], {f"Has{parameter}": False, "IsArm64": arm64})
+            assert listed == {"Fn::FindInMap": ["ServerlessListPrices", key, column]}
+        assert resolve(env[name], {f"Has{parameter}": True}) == {"Ref": parameter}
+        assert TEMPLATE["Parameters"][parameter]["Default"] == ""
+        assert TEMPLATE["Conditions"][f"Has{parameter}"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": parameter}, ""]}]}
+    # Graviton is the cheaper, and DEPLOY.md cites every default with its source
+    assert float(prices["ARM64"]["VcpuHour"]) < float(prices["X86-64"]["VcpuHour"])
+    deploy = (ROOT / "docs" / "DEPLOY.md").read_text()
+    assert all(f"`{price}`" in deploy for row in prices.values() for price in row.values())
+    assert "https://aws.amazon.com/emr/pricing/" in deploy
+
+
 def test_state_table_and_alerts_have_a_topic():
     table = RESOURCES["RunsTable"]["Properties"]
     assert table["KeySchema"] == [{"AttributeName": "id", "KeyType": "HASH"}]
