@@ -49,6 +49,9 @@ class Template:
         if isinstance(node, dict):
             if set(node) == {"Ref"}:
                 return NO_VALUE if node["Ref"] == "AWS::NoValue" else self.values[node["Ref"]]
+            if set(node) == {"Fn::FindInMap"}:
+                name, top, second = (self.value(x) for x in node["Fn::FindInMap"])
+                return self.doc["Mappings"][name][top][second]
             if set(node) == {"Fn::GetAtt"}:
                 target = node["Fn::GetAtt"]
                 target = target if isinstance(target, list) else target.split(".", 1)
