@@ -732,7 +732,8 @@ def local_submit_parameters(parameters, fetch, unpack) -> tuple:
                 env[key[len(prefix) :]] = value
             elif not (key.startswith("spark.emr-serverless.")
                       or key in ("spark.executor.memory", "spark.driver.memory", "spark.executor.cores",
-                                 "spark.driver.cores", "spark.dynamicAllocation.maxExecutors")):  # fmt: skip
+                                 "spark.driver.cores", "spark.dynamicAllocation.maxExecutors",
+                                 "spark.executor.memoryOverhead", "spark.driver.memoryOverhead")):  # fmt: skip
                 out += ["--conf", words[i + 1]]
         else:
             out.append(word)
