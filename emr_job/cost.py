@@ -35,7 +35,7 @@ class ResourceMeter:
         self.driver_cores = min(4, len(os.sched_getaffinity(0)))  # the driver's own featurizing threads
         self.driver_gb: Optional[float] = None  # None: the process's peak RSS
         self.executor_vcpu_s = self.executor_gb_s = 0.0
-        self.basis = "this process (no Spark)"
+        self.basis = "this process, without Spark"
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
