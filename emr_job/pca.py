@@ -45,7 +45,7 @@ def _matrix(batch: pa.RecordBatch, column: str) -> np.ndarray:
 
 def read_files(file_batches: Iterable[pa.RecordBatch], columns: list) -> Iterator[pa.RecordBatch]:
     """Executor side: the live rows of the table data files named in a "file" column, a slice at a time,
-    without the positions listed in its "deleted" column (the table's position deletes).
+    without the positions listed in its "deleted" column (the rows a rewrite drops).
 
     Far cheaper than letting Spark hand array<float> rows to Python: its JVM converts them value by value."""
     import pyarrow.parquet as pq

@@ -207,6 +207,9 @@ def test_a_store_written_with_position_deletes_is_rewritten_by_the_next_run(tmp_
 
     # Then the masked row is rewritten out of the current files, and no delete file is left
     assert {str(p) for p in files_holding(out, paths[1])} <= older_snapshot_files(out)
-    summary = Results(str(out)).table("features").current_snapshot().summary
+    table = Results(str(out)).table("features")
+    summary = table.current_snapshot().summary
     assert summary["total-position-deletes"] == "0" and summary["total-delete-files"] == "0"
+    # ... and the table tells other writers (Athena, Spark) to delete by copy-on-write too
+    assert table.metadata.properties["write.delete.mode"] == "copy-on-write"
     assert len(rows(out, "features")) == 5
