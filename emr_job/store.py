@@ -230,7 +230,8 @@ class RunCommit:
         """Stage one snapshot of a table (new metadata file, not yet published), and expire old snapshots."""
         table = self.table(name)
         data_files = [iceberg.data_file(table.io, table.metadata, path) for path in change.added]
-        outdated = {k: v for k, v in TABLE_PROPERTIES.items() if table.metadata.properties.get(k) != v}
+        outdated = {k: v for k, v in TABLE_PROPERTIES.items()
+                    if k != "format-version" and table.metadata.properties.get(k) != v}  # fmt: skip
         with table.transaction() as tx:
             if outdated:  # a table made by an earlier version (merge-on-read, path bounds): other writers follow these
                 tx.set_properties(outdated)
