@@ -4,6 +4,7 @@ gone, refit PCA, and publish every table at once (emr_job/store.py). Safe to rep
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 import uuid
@@ -158,6 +159,8 @@ def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) 
 def plan(cfg: JobConfig, log, session=None, fail_at: Optional[str] = None) -> RunContext:
     """List the input, read the published store, and decide what to featurize and what to drop."""
     timer, meter = Timer(), ResourceMeter()
+    if session and "PYSPARK_GATEWAY_PORT" in os.environ:  # spark-submit made the session already: it is billed
+        meter.attach(session())
     results = Results(cfg.output)
     weights = model.resolve_weights(cfg.weights, tempfile.mkdtemp(prefix="emr_job-"))
     files = live_files(results.table("features"))
