@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import boto3
 
@@ -117,9 +118,9 @@ def test_under_spark_submit_every_run_creates_the_spark_context(tmp_path, monkey
     make_tree(src, labels=("a", "b"), per_label=2)
     args = ["--input", src, "--output", out, "--k", "2", "--weights", weights_file]
     made, stopped = [], []
-    monkeypatch.setattr(
-        session, "spark_session", lambda: made.append(1) or type("S", (), {"stop": lambda self: stopped.append(1)})()
-    )
+    context = SimpleNamespace(master="local[2]", defaultParallelism=2, getConf=lambda: SimpleNamespace(get=dict().get))
+    fake = SimpleNamespace(sparkContext=context, stop=lambda: stopped.append(1))  # what the run reads of a session
+    monkeypatch.setattr(session, "spark_session", lambda: made.append(1) or fake)
     assert main.main(args) == 0 and not made
 
     # When spark-submit starts a run with nothing to do
