@@ -185,7 +185,7 @@ def idle(ctx: RunContext) -> dict:
     ctx.log(f"nothing changed since run {previous['run_id']}; no new results")
     commit = _new_commit(ctx)
     marker = None
-    if any(_expirable(commit, name) for name in TABLE_NAMES):
+    if any(commit.expirable(name) for name in TABLE_NAMES):
         marker = mark_running(ctx.results, ctx.run_id, cfg.launch_id)  # its new metadata files are not orphans
     try:
         expired = sum(commit.expire(name) for name in TABLE_NAMES) if marker else 0
@@ -369,13 +369,6 @@ def clean(ctx: RunContext) -> dict:
 
 def _new_commit(ctx: RunContext) -> RunCommit:
     return RunCommit(ctx.results, ctx.run_id, keep_snapshots_s=ctx.cfg.keep_snapshots_hours * 3600, clock=CLOCK)
-
-
-def _expirable(commit: RunCommit, name: str) -> bool:
-    table = commit.results.table(name)
-    cutoff_ms = (CLOCK() - commit.keep_snapshots_s) * 1000
-    return table is not None and any(s.timestamp_ms < cutoff_ms and s.snapshot_id != table.metadata.current_snapshot_id
-                                     for s in table.metadata.snapshots)  # fmt: skip
 
 
 def _cleanup_due(cfg: JobConfig, commit: RunCommit, erased: bool, pending: bool) -> Optional[str]:

@@ -241,6 +241,14 @@ class RunCommit:
             self.expired += iceberg.expire_older_than(tx, self.clock() - self.keep_snapshots_s)
         self.tables[name] = self.catalog.load_table(("results", name))
 
+    def expirable(self, name: str) -> bool:
+        """Whether the published table has a snapshot that expire() would remove (by the same clock and window)."""
+        table = self.results.table(name)
+        cutoff_ms = (self.clock() - self.keep_snapshots_s) * 1000
+        current = table.metadata.current_snapshot_id if table is not None else None
+        return table is not None and any(s.timestamp_ms < cutoff_ms and s.snapshot_id != current
+                                         for s in table.metadata.snapshots)  # fmt: skip
+
     def expire(self, name: str) -> int:
         """Stage only the expiry of a table's old snapshots (a run that changes no rows); how many expired."""
         if self.results.metadata_location(name) is None:
