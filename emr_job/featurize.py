@@ -20,14 +20,12 @@ from emr_job import model
 from emr_job.images import ImageError, decode_image
 from emr_job.storage import read_bytes, write_parquet
 
-IN_SCHEMA = "path string, label string, version string"
 IN_ARROW = pa.schema([("path", pa.string()), ("label", pa.string()), ("version", pa.string())])
-# One row per failed or vanished image, and one per data file written (status "file", its rows in `count`).
-OUT_SCHEMA = "path string, label string, version string, status string, reason string, count long"
 OK, FAILED, GONE, FILE = "ok", "failed", "gone", "file"  # GONE: deleted before it could be read, i.e. erased
 PROGRESS_EVERY_S = 10.0
 ROWS_PER_FILE = 10000  # ~50 MB of features per data file: the unit of parallelism of the PCA passes
 
+# One row per failed or vanished image, and one per data file written (status "file", its rows in `count`).
 _OUT_ARROW = pa.schema(
     [
         ("path", pa.string()),
@@ -119,7 +117,7 @@ def _task() -> tuple[int, int]:
 
 
 def prepare_worker(batches: Iterable[pa.RecordBatch], batch_size: int) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body of the warm-up: build and trace the network in this Python worker, ahead of the work."""
+    """Task body of the warm-up: build and trace the network in this Python worker, ahead of the work."""
     for _ in batches:
         pass
     model.compiled(batch_size, _task()[0])
@@ -137,7 +135,7 @@ def featurize_partition(
     run_id: str,
     schema: pa.Schema,
 ) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body. Reads and decodes run ahead in threads while the model works on the previous batch."""
+    """Task body. Reads and decodes run ahead in threads while the model works on the previous batch."""
     threads, part = _task()
     run, ready = None, 0.0
     done, last_report, started = 0, time.monotonic(), time.monotonic()

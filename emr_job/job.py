@@ -26,16 +26,12 @@ from emr_job.featurize import (
     FILE,
     GONE,
     IN_ARROW,
-    IN_SCHEMA,
-    OUT_SCHEMA,
     ROWS_PER_FILE,
     featurize_partition,
     prepare_worker,
 )
 from emr_job.inputs import inputs_digest
 from emr_job.pca import (
-    FILE_ROWS_SCHEMA,
-    MOMENTS_SCHEMA,
     PcaError,
     file_moments,
     file_projection,
@@ -57,7 +53,6 @@ from emr_job.store import (
 )
 
 IMAGES_PER_TASK = 4000  # long tasks amortise per-task set-up; more tasks than cores only past this size
-FILE_TASKS_SCHEMA = "file string, deleted array<long>"
 FILE_TASKS_ARROW = pa.schema([("file", pa.string()), ("deleted", pa.list_(pa.int64()))])
 SMALL_FILES_TO_COMPACT = 16  # more data files than this under ROWS_PER_FILE / 4 rows are merged
 NO_LABEL = "(no label folder)"  # failures of files directly under the input
@@ -272,8 +267,7 @@ def rewrite_features(spark, commit: RunCommit, run_id: str, rewrite: list) -> li
     body = partial(rewrite_files, data_dir=data_dir, run_id=f"{run_id}-rewrite", schema=schema)
     slices = max(1, math.ceil(sum(n for _, _, n in rewrite) / ROWS_PER_FILE))
     rows = [{"file": path, "deleted": [int(p) for p in dropped]} for path, dropped, _ in rewrite]
-    written = _map(spark, rows, FILE_TASKS_ARROW, FILE_TASKS_SCHEMA, body, FILE_ROWS_SCHEMA,
-                   lambda frame: frame.coalesce(slices))  # fmt: skip
+    written = _map(spark, rows, FILE_TASKS_ARROW, body, slices)
     return [r["path"] for r in written]
 
 
@@ -432,21 +426,28 @@ def _local_session():
     return spark_session()
 
 
-def _map(spark, rows: list, schema: pa.Schema, ddl: str, body, out_schema: str, arrange=None) -> list:
-    """Apply a mapInArrow body to rows (dicts): in Spark tasks, the frame laid out by `arrange`; or here in the
-    driver, as one task, when spark is None. Returns the body's output rows as dicts."""
+def _map(spark, rows: list, schema: pa.Schema, body, slices: Optional[int] = None) -> list:
+    """Apply a task body (RecordBatches of rows in, RecordBatches out) to rows (dicts): in `slices` Spark tasks
+    (default one per core, at most one per row), each dealt an even share of the rows; or here in the
+    driver, as one task, when spark is None. Returns the body's output rows as dicts.
+
+    Through the RDD API, not DataFrames: the rows are a few KB, and the first DataFrame job of a session costs
+    about 5 s of JVM planning and warm-up (createDataFrame, a shuffle to repartition, mapInArrow) where this
+    costs 1.5 (docs/PERFORMANCE.md, Spark's first job)."""
     if spark is None:
-        batch = pa.RecordBatch.from_pylist(rows, schema=schema)
-        return [row for out in body(iter([batch])) for row in out.to_pylist()]
-    frame = spark.createDataFrame([tuple(r[name] for name in schema.names) for r in rows], ddl)
-    frame = arrange(frame) if arrange else frame
-    return [r.asDict() for r in frame.mapInArrow(body, out_schema).collect()]
+        outs = list(body(iter([pa.RecordBatch.from_pylist(rows, schema=schema)])))
+    else:
+        n = max(1, min(len(rows), slices or spark.sparkContext.defaultParallelism))
+        # Dealt round-robin: costs follow the folders (a label of large PNGs), so contiguous slices are uneven.
+        parts = [pa.RecordBatch.from_pylist(rows[i::n], schema=schema) for i in range(n)]
+        # One element per slice: parallelize() then gives each task exactly one part.
+        outs = spark.sparkContext.parallelize(parts, n).mapPartitions(body).collect()
+    return [row for out in outs for row in out.to_pylist()]
 
 
-def _map_files(spark, paths: list, body, out_schema: str) -> list:
+def _map_files(spark, paths: list, body) -> list:
     """_map over feature data files (all live rows: copy-on-write leaves no deleted positions), one row each."""
-    rows = [{"file": path, "deleted": []} for path in paths]
-    return _map(spark, rows, FILE_TASKS_ARROW, FILE_TASKS_SCHEMA, body, out_schema)
+    return _map(spark, [{"file": path, "deleted": []} for path in paths], FILE_TASKS_ARROW, body)
 
 
 def _featurize(ctx: RunContext) -> list:
@@ -472,10 +473,7 @@ def _featurize(ctx: RunContext) -> list:
         run_id=ctx.run_id,
         schema=arrow_schema("features"),
     )
-    # Evenly sized partitions: parallelize() alone slices by 1024-row serialization batches, leaving one task
-    # with the remainder while a core idles. The round-robin repartition runs in the JVM on a few KB of paths.
-    status = _map(spark, plan.featurize.to_pylist(), IN_ARROW, IN_SCHEMA, body, OUT_SCHEMA,
-                  lambda frame: frame.repartition(slices))  # fmt: skip
+    status = _map(spark, plan.featurize.to_pylist(), IN_ARROW, body, slices)
     if spark:
         weights_bc.unpersist()
     timer.lap("featurize")
@@ -487,7 +485,7 @@ def _pca(ctx: RunContext, n_ok: int):
     returns the run's files (plots, the fitted model) and the rows per label."""
     spark, cfg, commit, run_id, rpt, weights = ctx.spark, ctx.cfg, ctx.commit, ctx.run_id, ctx.report, ctx.weights
     try:
-        moments = _map_files(spark, ctx.live, file_moments, MOMENTS_SCHEMA) if ctx.live else []
+        moments = _map_files(spark, ctx.live, file_moments) if ctx.live else []
         pca = fit_from_moments(moments, cfg.variance if cfg.k is None else None, cfg.k)
     except PcaError as exc:
         if cfg.k is not None and n_ok >= 2:
@@ -507,7 +505,7 @@ def _pca(ctx: RunContext, n_ok: int):
         variance_png = pool.submit(report.variance_plot, pca.all_ratios, pca.k, rpt["variance_target"])
         body = partial(file_projection, mean=pca.mean, components=pca.components, data_dir=data_dir,
                        run_id=run_id, schema=schema)  # fmt: skip
-        written = _map_files(spark, ctx.live, body, FILE_ROWS_SCHEMA)
+        written = _map_files(spark, ctx.live, body)
         commit.apply("pca", TableChange(added=[r["path"] for r in written], replace_all=True))
         coords, labels, counts = _sample(written, report.MAX_SCATTER_POINTS)
         loo = quality.loo_accuracy(coords[: quality.MAX_SAMPLE], labels[: quality.MAX_SAMPLE])
@@ -556,8 +554,6 @@ def task_count(spark, images: int, batch_size: int) -> int:
 
 
 def warm_workers(spark, batch_size: int, n: int) -> None:
-    """Build and trace the network (~4 s) in n Python workers now, while the driver loads the weights.
-
-    Through mapInArrow like the real work: Spark reuses those workers for it, not the RDD API's."""
-    cells = spark.createDataFrame([(i,) for i in range(n)], "i int").repartition(n)
-    cells.mapInArrow(partial(prepare_worker, batch_size=batch_size), "ok boolean").collect()
+    """Build and trace the network (~4 s) in n Python workers now, while the driver loads the weights; Spark
+    reuses those workers for the real work."""
+    _map(spark, [{}] * n, pa.schema([]), partial(prepare_worker, batch_size=batch_size), n)

@@ -16,8 +16,6 @@ import pyarrow as pa
 
 from emr_job.model import FEATURE_DIM
 
-MOMENTS_SCHEMA = "n long, shift binary, total binary, xtx binary"
-FILE_ROWS_SCHEMA = "path string, count long"  # a data file written by a task, and its rows
 ROWS_PER_READ = 1024  # float64 slices that stay in cache: 1.6x faster X^T X than 4096-row slices
 
 
@@ -68,12 +66,12 @@ def read_files(file_batches: Iterable[pa.RecordBatch], columns: list) -> Iterato
 
 
 def file_moments(file_batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body over feature files: one row with n, sum(x) and X^T X (float64) per task."""
+    """Task body over feature files: one row with n, sum(x) and X^T X (float64) per task."""
     yield from partition_moments(read_files(file_batches, ["features"]))
 
 
 def file_projection(file_batches: Iterable[pa.RecordBatch], mean, components, data_dir: str, run_id: str, schema):
-    """mapInArrow body over feature files: their live rows projected on the principal axes, written as the pca
+    """Task body over feature files: their live rows projected on the principal axes, written as the pca
     table's data files here; yields (file, rows) of each."""
     from emr_job.featurize import FileRoller
 
@@ -87,7 +85,7 @@ def file_projection(file_batches: Iterable[pa.RecordBatch], mean, components, da
 
 
 def rewrite_files(file_batches: Iterable[pa.RecordBatch], data_dir: str, run_id: str, schema):
-    """mapInArrow body of compaction: data files with deleted rows -> new files with only the live rows."""
+    """Task body of compaction: data files with deleted rows -> new files with only the live rows."""
     from emr_job.featurize import FileRoller
 
     files = FileRoller(data_dir, run_id, _partition())
@@ -106,7 +104,7 @@ def _partition() -> int:
 
 
 def partition_moments(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: one row per partition with n, its shift c, sum(x - c) and (x - c)^T (x - c) in float64."""
+    """Task body: one row per partition with n, its shift c, sum(x - c) and (x - c)^T (x - c) in float64."""
     n, shift = 0, None
     total, xtx = np.zeros(FEATURE_DIM), np.zeros((FEATURE_DIM, FEATURE_DIM))
     for batch in batches:
@@ -170,7 +168,7 @@ def project(features: np.ndarray, mean: np.ndarray, components: np.ndarray) -> n
 
 
 def project_partition(batches: Iterable[pa.RecordBatch], mean: np.ndarray, components: np.ndarray):
-    """mapInArrow body: features -> their projection (project), as float32 arrays."""
+    """Task body: features -> their projection (project), as float32 arrays."""
     k = len(components)
     for batch in batches:
         if batch.num_rows == 0:

@@ -357,8 +357,8 @@ def pca_benchmark(work: Path, rows: int = 20000, k: int = 100) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from emr_job.job import FILE_TASKS_SCHEMA
-    from emr_job.pca import MOMENTS_SCHEMA, file_moments, fit_from_moments
+    from emr_job.job import _map_files
+    from emr_job.pca import file_moments, fit_from_moments
     from emr_job.session import spark_session
 
     # Features shaped like MobileNetV2's: non-negative, a decaying spectrum, 1280 wide.
@@ -383,10 +383,9 @@ def pca_benchmark(work: Path, rows: int = 20000, k: int = 100) -> dict:
 
     vectors = spark.read.parquet(str(folder)).select(array_to_vector("features").alias("v")).cache()
     vectors.count()  # Spark ML starts from vectors already in memory; ours reads the files each time
-    tasks = spark.createDataFrame([(f, []) for f in files], FILE_TASKS_SCHEMA)
 
-    def ours_fit():
-        return fit_from_moments(tasks.mapInArrow(file_moments, MOMENTS_SCHEMA).collect(), None, k)
+    def ours_fit():  # as the job runs it: one task per file
+        return fit_from_moments(_map_files(spark, files, file_moments), None, k)
 
     def ml_fit():
         return PCA(k=k, inputCol="v", outputCol="p").fit(vectors)
