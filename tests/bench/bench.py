@@ -7,8 +7,8 @@
               skips it); re-runs with nothing changed and with 1% new; the job and the peer on SCALE_N images
               (peak RSS should not grow with N)
   photos      PHOTOS camera-size photos (12 MP JPEGs with every EXIF orientation, some PNGs, two of 48 MP): the
-              decode limit (the job's own decoding, one process per core), the project cold, the peer; then
-              one line with every ratio against issue 17's targets
+              decode limit (the job's own decoding, one process per core) and the project cold, in 3 alternating
+              rounds, best of each; the peer; then one line with every ratio against issue 17's targets
   decode      decoding choices for camera photos (tests/bench/decode.py): time per image and the features' cosine
               to a full decode followed by the same resize
   pca         emr_job.pca against pyspark.ml.feature.PCA on the same 20,000 x 1280 features, k=100
@@ -283,15 +283,22 @@ def decode_limit(photos: Path, rounds: int = 3) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def photo_benchmark(work: Path, n: int, weights: Path, log) -> dict:
-    """Camera photos: the decode limit, the project cold, and the usual approach, on the same files."""
+def photo_benchmark(work: Path, n: int, weights: Path, log, rounds: int = 3) -> dict:
+    """Camera photos: the decode limit and the project cold, in alternating rounds on the same files, best of
+    each (this VM's speed drifts by up to 20% between rounds: alternating gives both sides the same luck);
+    then the usual approach."""
     photos = work / "photos"
     log(f"making {n} camera photos")
     made = make_photos(photos, n)
-    limit = decode_limit(photos)
-    log(f"decode limit {limit['limit_img_s']:.1f} img/s; the project cold on {n} photos")
-    ran = job(photos, work / "out-photos", weights)
-    featurize_s = ran["stages_s"]["featurize"]
+    limits, runs = [], []
+    for i in range(rounds):
+        limits.append(decode_limit(photos, rounds=1))
+        log(f"round {i + 1}: decode limit {limits[-1]['limit_img_s']:.1f} img/s; the project cold on {n} photos")
+        shutil.rmtree(work / "out-photos", ignore_errors=True)
+        runs.append(job(photos, work / "out-photos", weights))
+    limit = max(limits, key=lambda x: x["limit_img_s"])
+    ran = min(runs, key=lambda x: x["wall_s"])
+    featurize_s = min(r["stages_s"]["featurize"] for r in runs)
     log("the peer on the photos")
     try:
         usual = peer(photos, work / "peer-photos", weights, ran["report"]["k"])
@@ -306,8 +313,10 @@ def photo_benchmark(work: Path, n: int, weights: Path, log) -> dict:
         "photos": made,
         "decode_limit_img_s": round(limit["limit_img_s"], 1),
         "decode_ms_per_image_one_core": round(limit["ms_per_image_one_core"], 1),
-        "decode_rounds_img_s": limit["rounds_img_s"],
+        "decode_rounds_img_s": [round(x["limit_img_s"], 1) for x in limits],
         "job_wall_s": ran["wall_s"],
+        "job_rounds_wall_s": [r["wall_s"] for r in runs],
+        "job_rounds_featurize_s": [r["stages_s"]["featurize"] for r in runs],
         "job_img_s": round(n / ran["wall_s"], 1),
         "ratio_to_decode_limit": round(n / ran["wall_s"] / limit["limit_img_s"], 3),
         "featurize_img_s": round(n / featurize_s, 1),
@@ -336,11 +345,13 @@ def ratios(r: dict) -> str:
     parts = []
     if "limit_onnx_img_s" in r:
         parts.append(f"small {r['n']}: end to end {mark(r['ratio_to_onnx_limit'], TARGETS['small_5k'][0])},"
-                     f" featurize {r['featurize_ratio_to_onnx_limit']}x of ONNX Runtime's limit")  # fmt: skip
+                     f" featurize {r['featurize_ratio_to_onnx_limit']}x of ONNX Runtime's limit"
+                     f" ({r['limit_onnx_img_s']} img/s)")  # fmt: skip
     if "scale" in r and "featurize_ratio_to_onnx_limit" in r["scale"]:
         big, (e2e, feat) = r["scale"], TARGETS["small_20k"]
         parts.append(f"small {big['n']}: end to end {mark(big['ratio_to_onnx_limit'], e2e)},"
-                     f" featurize {mark(big['featurize_ratio_to_onnx_limit'], feat)};"
+                     f" featurize {mark(big['featurize_ratio_to_onnx_limit'], feat)}"
+                     f" of {big['limit_onnx_img_s']} img/s;"
                      f" peak RSS {r['peak_rss_total_mb']} -> {big['peak_rss_total_mb']} MB")  # fmt: skip
     if "photos" in r:
         ph, (e2e, feat) = r["photos"], TARGETS["photos"]
@@ -729,9 +740,11 @@ def job_benchmark(work: Path, args, log) -> dict:
         except RuntimeError as exc:
             result["predict_batch_udf"] = {"failed": str(exc)[-300:]}
     if args.scale_n:
-        log(f"cold job on {args.scale_n} images (memory scaling)")
         big = work / "images-big"
         make_images(big, args.scale_n, seed=2)
+        # Measured again beside this run, the higher of the two counting: the VM drifts over the section.
+        limit_big = max(limit_onnx, model_limit("onnx", args.batch_size, 20.0, weights))
+        log(f"ONNX Runtime's limit {limit_big:.1f} img/s; cold job on {args.scale_n} images (memory scaling)")
         scaled = job(big, work / "out-big", weights)
         log(f"the peer on {args.scale_n} images")
         usual_big = peer(big, work / "peer-big", weights, scaled["report"]["k"])
@@ -742,8 +755,9 @@ def job_benchmark(work: Path, args, log) -> dict:
             "job_wall_s": scaled["wall_s"],
             "job_img_s": round(args.scale_n / scaled["wall_s"], 1),
             "ratio": round(args.scale_n / scaled["wall_s"] / limit, 3),
-            "ratio_to_onnx_limit": round(args.scale_n / scaled["wall_s"] / limit_onnx, 3),
-            "featurize_ratio_to_onnx_limit": round(args.scale_n / scaled["stages_s"]["featurize"] / limit_onnx, 3),
+            "limit_onnx_img_s": round(limit_big, 1),
+            "ratio_to_onnx_limit": round(args.scale_n / scaled["wall_s"] / limit_big, 3),
+            "featurize_ratio_to_onnx_limit": round(args.scale_n / scaled["stages_s"]["featurize"] / limit_big, 3),
             "stages_s": scaled["stages_s"],
             "peak_rss_mb": scaled["peak_rss_mb"],
             "peak_rss_total_mb": scaled["peak_rss_total_mb"],
