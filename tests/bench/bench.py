@@ -6,9 +6,10 @@
               same images, and Spark's predict_batch_udf (capped at 8 GB and 20 min; --no-predict-batch-udf
               skips it); re-runs with nothing changed and with 1% new; the job and the peer on SCALE_N images
               (peak RSS should not grow with N)
-  photos      PHOTOS camera-size photos (12 MP JPEGs with every EXIF orientation, some PNGs, two of 48 MP): the
-              decode limit (the job's own decoding, one process per core) and the project cold, in 3 alternating
-              rounds, best of each; the peer; then one line with every ratio against issue 17's targets
+  photos      PHOTOS camera-size photos (12 MP JPEGs with every EXIF orientation, some PNGs, two of 48 MP): in 3
+              alternating rounds, best of each: the decode limit (the job's own decoding, one process per core),
+              the job's task body without Spark (tests/bench/bare.py; with the network, and with one returning
+              zeros), and the project cold; the peer; then one line with every ratio against issue 17's targets
   decode      decoding choices for camera photos (tests/bench/decode.py): time per image and the features' cosine
               to a full decode followed by the same resize
   pca         emr_job.pca against pyspark.ml.feature.PCA on the same 20,000 x 1280 features, k=100
@@ -283,6 +284,17 @@ def decode_limit(photos: Path, rounds: int = 3) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def bare(photos: Path, weights: Path, out: Path, *extra: str) -> dict:
+    """The job's task body in one plain process per core, no Spark (tests/bench/bare.py)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, str(ROOT / "tests" / "bench" / "bare.py"), str(photos), str(weights), str(out), *extra]
+    ran = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    shutil.rmtree(out, ignore_errors=True)
+    if ran.returncode != 0:
+        raise RuntimeError(ran.stderr[-2000:])
+    return json.loads(ran.stdout.strip().splitlines()[-1])
+
+
 def photo_benchmark(work: Path, n: int, weights: Path, log, rounds: int = 3) -> dict:
     """Camera photos: the decode limit and the project cold, in alternating rounds on the same files, best of
     each (this VM's speed drifts by up to 20% between rounds: alternating gives both sides the same luck);
@@ -290,13 +302,18 @@ def photo_benchmark(work: Path, n: int, weights: Path, log, rounds: int = 3) -> 
     photos = work / "photos"
     log(f"making {n} camera photos")
     made = make_photos(photos, n)
-    limits, runs = [], []
+    limits, runs, bare_runs, decode_only = [], [], [], []
     for i in range(rounds):
         limits.append(decode_limit(photos, rounds=1))
-        log(f"round {i + 1}: decode limit {limits[-1]['limit_img_s']:.1f} img/s; the project cold on {n} photos")
+        log(f"round {i + 1}: decode limit {limits[-1]['limit_img_s']:.1f} img/s; the task body without Spark")
+        bare_runs.append(bare(photos, weights, work / "bare"))
+        decode_only.append(bare(photos, weights, work / "bare", "--no-network"))
+        log(f"round {i + 1}: task body {bare_runs[-1]['img_s']} img/s, {decode_only[-1]['img_s']} with no network;"
+            f" the project cold on {n} photos")  # fmt: skip
         shutil.rmtree(work / "out-photos", ignore_errors=True)
         runs.append(job(photos, work / "out-photos", weights))
     limit = max(limits, key=lambda x: x["limit_img_s"])
+    bare_best, decode_only_best = max(r["img_s"] for r in bare_runs), max(r["img_s"] for r in decode_only)
     ran = min(runs, key=lambda x: x["wall_s"])
     featurize_s = min(r["stages_s"]["featurize"] for r in runs)
     log("the peer on the photos")
@@ -321,6 +338,12 @@ def photo_benchmark(work: Path, n: int, weights: Path, log, rounds: int = 3) -> 
         "ratio_to_decode_limit": round(n / ran["wall_s"] / limit["limit_img_s"], 3),
         "featurize_img_s": round(n / featurize_s, 1),
         "featurize_ratio_to_decode_limit": round(n / featurize_s / limit["limit_img_s"], 3),
+        # The task body in plain processes: the most the featurize stage could reach without Spark's costs; and
+        # with a network returning zeros, the decoding inside tasks (the network's share of the CPU is the gap).
+        "task_body_rounds_img_s": [r["img_s"] for r in bare_runs],
+        "task_body_ratio_to_decode_limit": round(bare_best / limit["limit_img_s"], 3),
+        "task_body_no_network_rounds_img_s": [r["img_s"] for r in decode_only],
+        "task_body_no_network_ratio_to_decode_limit": round(decode_only_best / limit["limit_img_s"], 3),
         "stages_s": ran["stages_s"],
         "peak_rss_mb": ran["peak_rss_mb"],
         "peak_rss_total_mb": ran["peak_rss_total_mb"],
@@ -357,7 +380,9 @@ def ratios(r: dict) -> str:
         ph, (e2e, feat) = r["photos"], TARGETS["photos"]
         parts.append(f"photos {ph['n']}: end to end {mark(ph['ratio_to_decode_limit'], e2e)},"
                      f" featurize {mark(ph['featurize_ratio_to_decode_limit'], feat)} of the decode limit"
-                     f" ({ph['decode_limit_img_s']} img/s); project / peer"
+                     f" ({ph['decode_limit_img_s']} img/s); the task body without Spark"
+                     f" {ph['task_body_ratio_to_decode_limit']}x, with no network"
+                     f" {ph['task_body_no_network_ratio_to_decode_limit']}x; project / peer"
                      f" {ph.get('project_over_peer', 'peer failed')}")  # fmt: skip
     return "ratios: " + " | ".join(parts)
 
