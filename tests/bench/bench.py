@@ -1,7 +1,8 @@
 """`make bench`: the numbers docs/PERFORMANCE.md reports, measured in one run on this machine.
 
   job         model limits (MobileNetV2 as a tf.function, and as the job's ONNX model, on tensors in RAM);
-              cold `python -m emr_job` on N synthetic 100x100 JPEGs (wall time, stages, peak RSS per process),
+              cold `python -m emr_job` on N synthetic 100x100 JPEGs (wall time, stages, peak RSS per process;
+              ONNX Runtime's limit and the job in alternating rounds, best of each, here and on SCALE_N),
               and with --engine tensorflow; the peer (the usual Spark approach, tests/bench/peer.py) on the
               same images, and Spark's predict_batch_udf (capped at 8 GB and 20 min; --no-predict-batch-udf
               skips it); re-runs with nothing changed and with 1% new; the job and the peer on SCALE_N images
@@ -700,6 +701,25 @@ def machine() -> str:
     return f"{os.cpu_count()} vCPU {model}, {'AVX-512' if 'avx512f' in flags else 'no AVX-512'}"
 
 
+ROUNDS_5K, ROUNDS_20K = 3, 2
+
+
+def limit_and_job(images: Path, output: Path, weights: Path, batch: int, rounds: int, log) -> tuple:
+    """ONNX Runtime's limit and the project cold, in alternating rounds, best of each (this VM's speed drifts by
+    up to 25% within minutes: alternating gives both sides the same luck). The best run carries the rounds."""
+    limits, runs = [], []
+    for i in range(rounds):
+        limits.append(model_limit("onnx", batch, 15.0, weights))
+        shutil.rmtree(output, ignore_errors=True)
+        runs.append(job(images, output, weights))
+        log(f"round {i + 1}: ONNX Runtime's limit {limits[-1]:.1f} img/s, the project {runs[-1]['wall_s']} s")
+    best = min(runs, key=lambda r: r["wall_s"])
+    rounds_seen = {"limit_onnx_rounds_img_s": [round(x, 1) for x in limits],
+                   "job_rounds_wall_s": [r["wall_s"] for r in runs],
+                   "featurize_rounds_s": [r["stages_s"]["featurize"] for r in runs]}  # fmt: skip
+    return max(limits), {**best, "rounds": rounds_seen, "featurize_best_s": min(rounds_seen["featurize_rounds_s"])}
+
+
 def job_benchmark(work: Path, args, log) -> dict:
     weights = work / "weights.weights.h5"
     save_weights(weights)
@@ -707,13 +727,12 @@ def job_benchmark(work: Path, args, log) -> dict:
     images = work / "images"
     make_images(images, args.n)
 
-    log("model limits: TensorFlow, ONNX Runtime")
+    log("model limit: TensorFlow")
     limit = model_limit("tensorflow", args.batch_size, 20.0, weights)
-    limit_onnx = model_limit("onnx", args.batch_size, 20.0, weights)
-    log(f"limits {limit:.1f} / {limit_onnx:.1f} img/s; the project cold on {args.n} images")
-    full = job(images, work / "out", weights)
+    log(f"TensorFlow's limit {limit:.1f} img/s; ONNX Runtime's limit and the project cold on {args.n} images")
+    limit_onnx, full = limit_and_job(images, work / "out", weights, args.batch_size, ROUNDS_5K, log)
     job_img_s = args.n / full["wall_s"]
-    featurize_img_s = args.n / full["stages_s"]["featurize"]
+    featurize_img_s = args.n / full["featurize_best_s"]
     log("the project with --engine tensorflow (the reference path)")
     tf_run = job(images, work / "out-tf", weights, "--engine", "tensorflow")
     log("the peer: binaryFile -> pandas_udf(model.predict) -> pyspark.ml PCA")
@@ -739,6 +758,7 @@ def job_benchmark(work: Path, args, log) -> dict:
         "featurize_ratio_to_onnx_limit": round(featurize_img_s / limit_onnx, 3),
         "job_wall_s": full["wall_s"],
         "stages_s": full["stages_s"],
+        "rounds": full["rounds"],
         "peak_rss_mb": full["peak_rss_mb"],
         "peak_rss_total_mb": full["peak_rss_total_mb"],
         "job_tensorflow_wall_s": tf_run["wall_s"],
@@ -767,10 +787,8 @@ def job_benchmark(work: Path, args, log) -> dict:
     if args.scale_n:
         big = work / "images-big"
         make_images(big, args.scale_n, seed=2)
-        # Measured again beside this run, the higher of the two counting: the VM drifts over the section.
-        limit_big = max(limit_onnx, model_limit("onnx", args.batch_size, 20.0, weights))
-        log(f"ONNX Runtime's limit {limit_big:.1f} img/s; cold job on {args.scale_n} images (memory scaling)")
-        scaled = job(big, work / "out-big", weights)
+        log(f"ONNX Runtime's limit and the project cold on {args.scale_n} images (memory scaling)")
+        limit_big, scaled = limit_and_job(big, work / "out-big", weights, args.batch_size, ROUNDS_20K, log)
         log(f"the peer on {args.scale_n} images")
         usual_big = peer(big, work / "peer-big", weights, scaled["report"]["k"])
         shutil.rmtree(big)
@@ -782,7 +800,8 @@ def job_benchmark(work: Path, args, log) -> dict:
             "ratio": round(args.scale_n / scaled["wall_s"] / limit, 3),
             "limit_onnx_img_s": round(limit_big, 1),
             "ratio_to_onnx_limit": round(args.scale_n / scaled["wall_s"] / limit_big, 3),
-            "featurize_ratio_to_onnx_limit": round(args.scale_n / scaled["stages_s"]["featurize"] / limit_big, 3),
+            "featurize_ratio_to_onnx_limit": round(args.scale_n / scaled["featurize_best_s"] / limit_big, 3),
+            "rounds": scaled["rounds"],
             "stages_s": scaled["stages_s"],
             "peak_rss_mb": scaled["peak_rss_mb"],
             "peak_rss_total_mb": scaled["peak_rss_total_mb"],

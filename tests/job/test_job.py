@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -286,3 +287,24 @@ def test_a_failed_run_leaves_previous_results(job, tmp_path, weights_file):
 
     assert Path(out, "report.json").read_text() == before
     assert len(rows(out, "features")) == 3 and len(rows(out, "pca")) == 3
+
+
+def test_spark_tasks_get_even_round_robin_shares_and_every_row_once(spark):
+    import pyarrow as pa
+    from pyspark import TaskContext
+
+    # Given 100 rows whose costly ones (large PNGs, say) all sort last, as one label folder does
+    rows = [{"i": i, "png": i >= 70} for i in range(100)]
+
+    def body(batches):
+        for batch in batches:
+            task = TaskContext.get().partitionId()
+            yield pa.RecordBatch.from_pylist([{**row, "task": task} for row in batch.to_pylist()])
+
+    # When they are mapped in 4 Spark tasks
+    out = job_module._map(spark, rows, pa.schema([("i", pa.int64()), ("png", pa.bool_())]), body, slices=4)
+
+    # Then every row is done once, each task has a quarter, and the costly rows are spread over all of them
+    assert sorted(r["i"] for r in out) == list(range(100))
+    assert sorted(Counter(r["task"] for r in out).values()) == [25, 25, 25, 25]
+    assert sorted(Counter(r["task"] for r in out if r["png"]).values()) == [7, 7, 8, 8]
