@@ -298,7 +298,7 @@ def bare(photos: Path, weights: Path, out: Path, *extra: str) -> dict:
 
 def photo_benchmark(work: Path, n: int, weights: Path, log, rounds: int = 3) -> dict:
     """Camera photos: the decode limit and the project cold, in alternating rounds on the same files, best of
-    each (this VM's speed drifts by up to 20% between rounds: alternating gives both sides the same luck);
+    each (this VM's speed drifts by tens of percent within minutes: alternating gives both sides the same luck);
     then the usual approach."""
     photos = work / "photos"
     log(f"making {n} camera photos")
@@ -706,7 +706,7 @@ ROUNDS_5K, ROUNDS_20K = 3, 2
 
 def limit_and_job(images: Path, output: Path, weights: Path, batch: int, rounds: int, log) -> tuple:
     """ONNX Runtime's limit and the project cold, in alternating rounds, best of each (this VM's speed drifts by
-    up to 25% within minutes: alternating gives both sides the same luck). The best run carries the rounds."""
+    tens of percent within minutes: alternating gives both sides the same luck). The best run carries the rounds."""
     limits, runs = [], []
     for i in range(rounds):
         limits.append(model_limit("onnx", batch, 15.0, weights))
