@@ -433,7 +433,7 @@ def _map(spark, rows: list, schema: pa.Schema, body, slices: Optional[int] = Non
 
     Through the RDD API, not DataFrames: the rows are a few KB, and the first DataFrame job of a session costs
     about 5 s of JVM planning and warm-up (createDataFrame, a shuffle to repartition, mapInArrow) where this
-    costs 1.5 (docs/PERFORMANCE.md, Spark's first job)."""
+    costs 1.5 (docs/PERFORMANCE.md, "The change: Spark's tasks through the RDD API")."""
     if spark is None:
         outs = list(body(iter([pa.RecordBatch.from_pylist(rows, schema=schema)])))
     else:
