@@ -181,6 +181,14 @@ def make_images(root: Path, n: int, seed: int = 0, prefix: str = "") -> int:
     return n
 
 
+def json_line(*args: str) -> dict:
+    """Run `python ARGS...` here; the JSON object its last stdout line prints (RuntimeError with its stderr)."""
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def model_limit(engine: str, batch: int, seconds: float, weights: Path) -> float:
     """Images per second of the network alone on tensors in RAM, every core busy. For ONNX Runtime the faster of
     one process with a thread per core and one single-thread process per core (the job's layout): the first
@@ -293,22 +301,16 @@ print(json.dumps({"limit_img_s": len(paths) / wall, "ms_per_image_one_core": 100
 def decode_limit(photos: Path, rounds: int = 3) -> dict:
     """The job's own decoding (emr_job.images.decode_image) on the files, one process per core, nothing else:
     the best of a few rounds."""
-    out = subprocess.run([sys.executable, "-c", DECODE_CODE, str(photos), str(rounds)], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True)  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json_line("-c", DECODE_CODE, str(photos), str(rounds))
 
 
 def bare(photos: Path, weights: Path, out: Path, *extra: str) -> dict:
     """The job's task body in one plain process per core, no Spark (tests/bench/bare.py)."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(ROOT / "tests" / "bench" / "bare.py"), str(photos), str(weights), str(out), *extra]
-    ran = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
-    shutil.rmtree(out, ignore_errors=True)
-    if ran.returncode != 0:
-        raise RuntimeError(ran.stderr[-2000:])
-    return json.loads(ran.stdout.strip().splitlines()[-1])
+    try:
+        return json_line(str(ROOT / "tests" / "bench" / "bare.py"), str(photos), str(weights), str(out), *extra)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def photo_benchmark(work: Path, n: int, weights: Path, log, rounds: int = 3) -> dict:
@@ -629,11 +631,7 @@ def scale_benchmark(work: Path, n: int) -> dict:
     script = str(ROOT / "tests" / "bench" / "scale.py")
 
     def step(name: str) -> dict:
-        out = subprocess.run([sys.executable, script, name, str(store), str(n)], cwd=ROOT, env=ENV,
-                             capture_output=True, text=True)  # fmt: skip
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr[-3000:])
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return json_line(script, name, str(store), str(n))
 
     built = step("build")
     planned = step("plan")
@@ -879,9 +877,7 @@ def main(argv=None) -> int:
         weights = work / "weights.weights.h5"
         if not weights.exists():
             save_weights(weights)
-        out = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "decode.py"), str(weights)], cwd=ROOT,
-                             env=ENV, capture_output=True, text=True, check=True)  # fmt: skip
-        result["decode"] = json.loads(out.stdout.strip().splitlines()[-1])
+        result["decode"] = json_line(str(ROOT / "tests" / "bench" / "decode.py"), str(weights))
     if args.only in (None, "pca"):
         log("pca: ours against pyspark.ml")
         result["pca"] = pca_benchmark(work)
