@@ -304,6 +304,13 @@ def decode_limit(photos: Path, rounds: int = 3) -> dict:
     return json_line("-c", DECODE_CODE, str(photos), str(rounds))
 
 
+def ceiling(decode_img_s: float, network_img_s: float) -> float:
+    """The most any job can reach on a CPU-only machine: each image costs its decoding and then the network, on
+    the same cores, so their times add. Neither limit alone bounds the job: 0.9x the decode limit on photos needs
+    a network 9x faster than the decoding."""
+    return 1.0 / (1.0 / decode_img_s + 1.0 / network_img_s)
+
+
 def bare(photos: Path, weights: Path, out: Path, *extra: str) -> dict:
     """The job's task body in one plain process per core, no Spark (tests/bench/bare.py)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -320,10 +327,12 @@ def photo_benchmark(work: Path, n: int, weights: Path, log, rounds: int = 3) -> 
     photos = work / "photos"
     log(f"making {n} camera photos")
     made = make_photos(photos, n)
-    limits, runs, bare_runs, decode_only = [], [], [], []
+    limits, networks, runs, bare_runs, decode_only = [], [], [], [], []
     for i in range(rounds):
         limits.append(decode_limit(photos, rounds=1))
-        log(f"round {i + 1}: decode limit {limits[-1]['limit_img_s']:.1f} img/s; the task body without Spark")
+        networks.append(model_limit("onnx", 32, 10.0, weights))
+        log(f"round {i + 1}: decode limit {limits[-1]['limit_img_s']:.1f} img/s, the network's"
+            f" {networks[-1]:.1f}; the task body without Spark")  # fmt: skip
         bare_runs.append(bare(photos, weights, work / "bare"))
         decode_only.append(bare(photos, weights, work / "bare", "--no-network"))
         log(f"round {i + 1}: task body {bare_runs[-1]['img_s']} img/s, {decode_only[-1]['img_s']} with no network;"
@@ -334,6 +343,7 @@ def photo_benchmark(work: Path, n: int, weights: Path, log, rounds: int = 3) -> 
     bare_best, decode_only_best = max(r["img_s"] for r in bare_runs), max(r["img_s"] for r in decode_only)
     ran = min(runs, key=lambda x: x["wall_s"])
     featurize_s = min(r["stages_s"]["featurize"] for r in runs)
+    top = ceiling(limit["limit_img_s"], max(networks))
     log("the peer on the photos")
     try:
         usual = peer(photos, work / "peer-photos", weights, ran["report"]["k"])
@@ -356,6 +366,11 @@ def photo_benchmark(work: Path, n: int, weights: Path, log, rounds: int = 3) -> 
         "ratio_to_decode_limit": round(n / ran["wall_s"] / limit["limit_img_s"], 3),
         "featurize_img_s": round(n / featurize_s, 1),
         "featurize_ratio_to_decode_limit": round(n / featurize_s / limit["limit_img_s"], 3),
+        "limit_onnx_img_s": round(max(networks), 1),
+        "limit_onnx_rounds_img_s": [round(x, 1) for x in networks],
+        "ceiling_img_s": round(top, 1),
+        "ratio_to_ceiling": round(n / ran["wall_s"] / top, 3),
+        "featurize_ratio_to_ceiling": round(n / featurize_s / top, 3),
         # The task body in plain processes: the most the featurize stage could reach without Spark's costs; and
         # with a network returning zeros, the decoding inside tasks (the network's share of the CPU is the gap).
         "task_body_rounds_img_s": [r["img_s"] for r in bare_runs],
@@ -383,22 +398,28 @@ def ratios(r: dict) -> str:
     def mark(value, target):
         return f"{value}x" + ("" if target is None else f" ({'met' if value >= target else 'MISSED'}: {target}x)")
 
+    def top(x):  # the ceiling, where the bench measured it
+        if "ceiling_img_s" not in x:
+            return ""
+        return (f"; of the ceiling, decoding then the network ({x['ceiling_img_s']} img/s): end to end"
+                f" {x['ratio_to_ceiling']}x, featurize {x['featurize_ratio_to_ceiling']}x")  # fmt: skip
+
     parts = []
     if "limit_onnx_img_s" in r:
         parts.append(f"small {r['n']}: end to end {mark(r['ratio_to_onnx_limit'], TARGETS['small_5k'][0])},"
                      f" featurize {r['featurize_ratio_to_onnx_limit']}x of ONNX Runtime's limit"
-                     f" ({r['limit_onnx_img_s']} img/s)")  # fmt: skip
+                     f" ({r['limit_onnx_img_s']} img/s){top(r)}")  # fmt: skip
     if "scale" in r and "featurize_ratio_to_onnx_limit" in r["scale"]:
         big, (e2e, feat) = r["scale"], TARGETS["small_20k"]
         parts.append(f"small {big['n']}: end to end {mark(big['ratio_to_onnx_limit'], e2e)},"
                      f" featurize {mark(big['featurize_ratio_to_onnx_limit'], feat)}"
-                     f" of {big['limit_onnx_img_s']} img/s;"
+                     f" of {big['limit_onnx_img_s']} img/s{top(big)};"
                      f" peak RSS {r['peak_rss_total_mb']} -> {big['peak_rss_total_mb']} MB")  # fmt: skip
     if "photos" in r:
         ph, (e2e, feat) = r["photos"], TARGETS["photos"]
         parts.append(f"photos {ph['n']}: end to end {mark(ph['ratio_to_decode_limit'], e2e)},"
                      f" featurize {mark(ph['featurize_ratio_to_decode_limit'], feat)} of the decode limit"
-                     f" ({ph['decode_limit_img_s']} img/s); the task body without Spark"
+                     f" ({ph['decode_limit_img_s']} img/s){top(ph)}; the task body without Spark"
                      f" {ph['task_body_ratio_to_decode_limit']}x, with no network"
                      f" {ph['task_body_no_network_ratio_to_decode_limit']}x; project / peer"
                      f" {ph.get('project_over_peer', 'peer failed')}")  # fmt: skip
@@ -720,17 +741,26 @@ ROUNDS_5K, ROUNDS_20K = 3, 2
 def limit_and_job(images: Path, output: Path, weights: Path, batch: int, rounds: int, log) -> tuple:
     """ONNX Runtime's limit and the project cold, in alternating rounds, best of each (this VM's speed drifts by
     tens of percent within minutes: alternating gives both sides the same luck). The best run carries the rounds."""
-    limits, runs = [], []
+    limits, decodes, runs = [], [], []
     for i in range(rounds):
         limits.append(model_limit("onnx", batch, 15.0, weights))
+        decodes.append(decode_limit(images, rounds=1)["limit_img_s"])
         shutil.rmtree(output, ignore_errors=True)
         runs.append(job(images, output, weights))
-        log(f"round {i + 1}: ONNX Runtime's limit {limits[-1]:.1f} img/s, the project {runs[-1]['wall_s']} s")
+        log(f"round {i + 1}: ONNX Runtime's limit {limits[-1]:.1f} img/s, decoding's {decodes[-1]:.1f}, the project"
+            f" {runs[-1]['wall_s']} s")  # fmt: skip
     best = min(runs, key=lambda r: r["wall_s"])
     rounds_seen = {"limit_onnx_rounds_img_s": [round(x, 1) for x in limits],
+                   "decode_limit_rounds_img_s": [round(x, 1) for x in decodes],
                    "job_rounds_wall_s": [r["wall_s"] for r in runs],
                    "featurize_rounds_s": [r["stages_s"]["featurize"] for r in runs]}  # fmt: skip
-    return max(limits), {**best, "rounds": rounds_seen, "featurize_best_s": min(rounds_seen["featurize_rounds_s"])}
+    top = ceiling(max(decodes), max(limits))
+    n = sum(1 for p in images.rglob("*") if p.is_file())
+    ceilings = {"decode_limit_img_s": round(max(decodes), 1), "ceiling_img_s": round(top, 1),
+                "ratio_to_ceiling": round(n / best["wall_s"] / top, 3),
+                "featurize_ratio_to_ceiling": round(n / min(rounds_seen["featurize_rounds_s"]) / top, 3)}  # fmt: skip
+    return max(limits), {**best, "rounds": rounds_seen, "featurize_best_s": min(rounds_seen["featurize_rounds_s"]),
+                         "ceiling": ceilings}  # fmt: skip
 
 
 def job_benchmark(work: Path, args, log) -> dict:
@@ -770,6 +800,7 @@ def job_benchmark(work: Path, args, log) -> dict:
         "featurize_ratio": round(featurize_img_s / limit, 3),
         "featurize_ratio_to_onnx_limit": round(featurize_img_s / limit_onnx, 3),
         "job_wall_s": full["wall_s"],
+        **full["ceiling"],
         "stages_s": full["stages_s"],
         "rounds": full["rounds"],
         "peak_rss_mb": full["peak_rss_mb"],
@@ -814,6 +845,7 @@ def job_benchmark(work: Path, args, log) -> dict:
             "limit_onnx_img_s": round(limit_big, 1),
             "ratio_to_onnx_limit": round(args.scale_n / scaled["wall_s"] / limit_big, 3),
             "featurize_ratio_to_onnx_limit": round(args.scale_n / scaled["featurize_best_s"] / limit_big, 3),
+            **scaled["ceiling"],
             "rounds": scaled["rounds"],
             "stages_s": scaled["stages_s"],
             "peak_rss_mb": scaled["peak_rss_mb"],
