@@ -3,15 +3,17 @@
   job         model limits (MobileNetV2 as a tf.function, and as the job's ONNX model, on tensors in RAM; ONNX
               Runtime's the faster of one process on every core and one single-thread process per core);
               cold `python -m emr_job` on N synthetic 100x100 JPEGs (wall time, stages, peak RSS per process;
-              ONNX Runtime's limit and the job in alternating rounds, best of each, here and on SCALE_N),
+              ONNX Runtime's limit, the decode limit and the job in alternating rounds, best of each, here
+              and on SCALE_N; the ceiling from the two limits, see ceiling()),
               and with --engine tensorflow; the peer (the usual Spark approach, tests/bench/peer.py) on the
               same images, and Spark's predict_batch_udf (capped at 8 GB and 20 min; --no-predict-batch-udf
               skips it); re-runs with nothing changed and with 1% new; the job and the peer on SCALE_N images
               (peak RSS should not grow with N)
   photos      PHOTOS camera-size photos (12 MP JPEGs with every EXIF orientation, some PNGs, two of 48 MP): in 3
               alternating rounds, best of each: the decode limit (the job's own decoding, one process per core),
-              the job's task body without Spark (tests/bench/bare.py; with the network, and with one returning
-              zeros), and the project cold; the peer; then one line with every ratio against issue 17's targets
+              ONNX Runtime's limit (for the ceiling), the job's task body without Spark (tests/bench/bare.py;
+              with the network, and with one returning zeros), and the project cold; the peer; then one line
+              with every ratio against issue 17's targets and against the ceiling
   decode      decoding choices for camera photos (tests/bench/decode.py): time per image and the features' cosine
               to a full decode followed by the same resize
   pca         emr_job.pca against pyspark.ml.feature.PCA on the same 20,000 x 1280 features, k=100
