@@ -12,7 +12,8 @@ import time
 from typing import Optional
 
 # EMR Serverless list prices (USD, x86_64, US East N. Virginia), the defaults of --price-vcpu-hour/--price-gb-hour.
-# The stack passes its region's and architecture's prices (template.yaml); docs/DEPLOY.md cites them.
+# The stack passes its region's and architecture's prices (template.yaml, whose x86_64 row a test keeps equal
+# to these); docs/DEPLOY.md cites them.
 PRICE_VCPU_HOUR = 0.052624
 PRICE_GB_HOUR = 0.0057785
 SAMPLE_S = 2.0
