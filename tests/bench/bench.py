@@ -741,8 +741,9 @@ ROUNDS_5K, ROUNDS_20K = 3, 2
 
 
 def limit_and_job(images: Path, output: Path, weights: Path, batch: int, rounds: int, log) -> tuple:
-    """ONNX Runtime's limit and the project cold, in alternating rounds, best of each (this VM's speed drifts by
-    tens of percent within minutes: alternating gives both sides the same luck). The best run carries the rounds."""
+    """ONNX Runtime's limit, the decode limit and the project cold, in alternating rounds, best of each (this VM's
+    speed drifts by tens of percent within minutes: alternating gives both sides the same luck). The best run
+    carries the rounds, and its ratios to the ceiling."""
     limits, decodes, runs = [], [], []
     for i in range(rounds):
         limits.append(model_limit("onnx", batch, 15.0, weights))

@@ -418,12 +418,12 @@ def test_runs_are_priced_at_the_list_prices_of_their_architecture_unless_the_dep
     assert float(prices["ARM64"]["VcpuHour"]) < float(prices["X86-64"]["VcpuHour"])
     deploy = (ROOT / "docs" / "DEPLOY.md").read_text()
     assert all(f"`{price}`" in deploy for row in prices.values() for price in row.values())
+    assert "https://aws.amazon.com/emr/pricing/" in deploy
     # A local run's report prices its resources at the same list (x86_64, this machine's): one source, checked
     from emr_job import cost
 
     x86 = prices["X86-64"]
     assert float(x86["VcpuHour"]) == cost.PRICE_VCPU_HOUR and float(x86["GbHour"]) == cost.PRICE_GB_HOUR
-    assert "https://aws.amazon.com/emr/pricing/" in deploy
 
 
 def test_state_table_and_alerts_have_a_topic():
