@@ -758,7 +758,7 @@ def limit_and_job(images: Path, output: Path, weights: Path, batch: int, rounds:
                    "job_rounds_wall_s": [r["wall_s"] for r in runs],
                    "featurize_rounds_s": [r["stages_s"]["featurize"] for r in runs]}  # fmt: skip
     top = ceiling(max(decodes), max(limits))
-    n = sum(1 for p in images.rglob("*") if p.is_file())
+    n = best["report"]["images_total"]  # a cold run sees every image
     ceilings = {"decode_limit_img_s": round(max(decodes), 1), "ceiling_img_s": round(top, 1),
                 "ratio_to_ceiling": round(n / best["wall_s"] / top, 3),
                 "featurize_ratio_to_ceiling": round(n / min(rounds_seen["featurize_rounds_s"]) / top, 3)}  # fmt: skip
