@@ -20,6 +20,20 @@ TICK = {"image-features": "tick"}  # the trigger's own delayed message: "check a
 # S3 event names that change what images/ holds. Lifecycle expiry is not an ObjectRemoved event.
 CHANGE_PREFIXES = ("ObjectCreated:", "ObjectRemoved:", "LifecycleExpiration:")
 EVENTBRIDGE_CHANGES = ("Object Created", "Object Deleted")
+# The other names AWS documents (S3 user guide: notification-how-to-event-types-and-destinations for SQS, and
+# ev-events for EventBridge's detail-types). Only these reach a log line; a forged body may carry any text in
+# these fields, an object key included, so anything else is counted as "unknown event".
+OTHER_S3_EVENTS = frozenset({
+    "ObjectRestore:Post", "ObjectRestore:Completed", "ObjectRestore:Delete", "ReducedRedundancyLostObject",
+    "Replication:OperationFailedReplication", "Replication:OperationMissedThreshold",
+    "Replication:OperationReplicatedAfterThreshold", "Replication:OperationNotTracked", "LifecycleTransition",
+    "IntelligentTiering", "ObjectTagging:Put", "ObjectTagging:Delete", "ObjectAcl:Put",
+})  # fmt: skip
+OTHER_EVENTBRIDGE_TYPES = frozenset({
+    "Object Restore Initiated", "Object Restore Completed", "Object Restore Expired", "Object Tags Added",
+    "Object Tags Deleted", "Object ACL Updated", "Object Storage Class Changed", "Object Access Tier Changed",
+})  # fmt: skip
+UNKNOWN_EVENT = "unknown event"
 
 
 @dataclass
@@ -92,7 +106,7 @@ def _s3_record(record, bucket: str, prefix: str, signals: Signals) -> None:
     if not isinstance(name, str):
         raise ValueError("an S3 record has no eventName")
     if not name.startswith(CHANGE_PREFIXES):
-        signals.ignored[f"event {name}"] += 1
+        signals.ignored[f"event {name}" if name in OTHER_S3_EVENTS else UNKNOWN_EVENT] += 1
         return
     where, key = _bucket_and_key(record, "s3", "an S3 record")
     if _relevant(where, unquote_plus(key), bucket, prefix, signals):
@@ -100,8 +114,10 @@ def _s3_record(record, bucket: str, prefix: str, signals: Signals) -> None:
 
 
 def _eventbridge(doc: dict, bucket: str, prefix: str, signals: Signals) -> None:
-    if doc["detail-type"] not in EVENTBRIDGE_CHANGES:
-        signals.ignored[f"event {doc['detail-type']}"] += 1
+    detail_type = doc["detail-type"]
+    if detail_type not in EVENTBRIDGE_CHANGES:
+        known = isinstance(detail_type, str) and detail_type in OTHER_EVENTBRIDGE_TYPES
+        signals.ignored[f"event {detail_type}" if known else UNKNOWN_EVENT] += 1
         return
     where, key = _bucket_and_key(doc, "detail", "an EventBridge S3 event")
     if _relevant(where, key, bucket, prefix, signals):

@@ -174,6 +174,20 @@ def metrics_out(text: str) -> dict:
 
 
 @pytest.fixture
+def logs(aws):
+    """What the functions log, as CloudWatch would get it. Powertools' handler writes to the stream it found when
+    first configured, out of capsys' reach: its stream is swapped for one the test reads."""
+    import io
+    import logging
+
+    load("pipeline.observability")  # configures the service's logger once; later imports reuse its handler
+    stream = io.StringIO()
+    for handler in logging.getLogger("image-features").handlers:
+        aws.monkeypatch.setattr(handler, "stream", stream)
+    return stream
+
+
+@pytest.fixture
 def clock(aws, trigger, job_state):
     """One clock for both functions, starting now; events made with at=clock.now happen 'now'."""
     shared = Clock(time.time())

@@ -63,7 +63,7 @@ def test_a_running_state_is_not_an_end(aws, trigger, job_state, clock, lambda_co
     assert active_job(aws) == job
 
 
-def test_an_emr_message_quoting_a_key_is_kept_nowhere(aws, trigger, job_state, clock, lambda_context, capsys):
+def test_an_emr_message_quoting_a_key_is_kept_nowhere(aws, logs, trigger, job_state, clock, lambda_context, capsys):
     # Given a run whose job died on an exception that names an image (EMR copies it into stateDetails)
     upload(trigger, clock, lambda_context)
     failed = serverless_state(active_job(aws), aws.app_id, "FAILED")
@@ -75,8 +75,9 @@ def test_an_emr_message_quoting_a_key_is_kept_nowhere(aws, trigger, job_state, c
 
     # Then the state item, the logs and the alert name the error, never the key nor a part of it
     [alert] = alerts(aws)
-    kept = json.dumps(state_item(aws)) + json.dumps(alert) + capsys.readouterr().out
+    kept = json.dumps(state_item(aws)) + json.dumps(alert) + capsys.readouterr().out + logs.getvalue()
     assert "PermissionError" in alert["detail"] and "withheld" in alert["detail"]
+    assert '"message":"run settled"' in logs.getvalue()  # the logs are read
     for part in ("Zoë", "Dupont", "copy 1", "Kiwi"):
         assert part not in kept and part.encode("unicode_escape").decode() not in kept
     # ... while EMR's own texts stay whole

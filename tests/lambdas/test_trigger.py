@@ -76,6 +76,29 @@ def test_non_images_and_test_events_are_ignored_and_counted(aws, trigger, clock,
     assert metrics_out(capsys.readouterr().out)["EventsIgnored"] == 6
 
 
+def test_forged_event_names_never_reach_a_log_line(aws, logs, trigger, clock, lambda_context, capsys):
+    # Given SQS bodies whose event name and detail-type are object keys (anyone who may send to the queue can
+    # forge them), beside AWS's own names of events that change nothing
+    key = "images/Zoë Dupont/passport scan.jpg"
+    bodies = [
+        {"source": "aws.s3", "detail-type": key, "detail": {"bucket": {"name": BUCKET}, "object": {"key": "x"}}},
+        {"Records": [s3_record("images/Kiwi/a.jpg", action=key)]},
+        {"source": "aws.s3", "detail-type": "Object Tags Added", "detail": {}},
+        {"Records": [s3_record("images/Kiwi/a.jpg", action="ObjectTagging:Put")]},
+    ]
+
+    # When the trigger handles them
+    response = trigger.lambda_handler(sqs_event(bodies), lambda_context)
+
+    # Then nothing is lost or dead-lettered, and the log counts the forged ones under one bucket, AWS's by name
+    assert response == {"batchItemFailures": []}
+    out = logs.getvalue() + capsys.readouterr().out
+    assert "Zo" not in out and "passport" not in out
+    [handled] = [json.loads(line) for line in out.splitlines() if '"message":"batch handled"' in line]
+    assert handled["ignored"] == {"unknown event": 2, "event Object Tags Added": 1, "event ObjectTagging:Put": 1}
+    assert metrics_out(out)["EventsIgnored"] == 4
+
+
 def test_deletions_lifecycle_expiry_and_eventbridge_events_all_mark_the_pipeline(aws, trigger, clock, lambda_context):
     # Given one run active
     tune(aws, trigger, quiet_seconds=0)
