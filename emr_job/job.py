@@ -197,13 +197,12 @@ def idle(ctx: RunContext) -> dict:
                         f"{maintenance['cleanup_due_at'] or 'never'}")  # fmt: skip
             except CommitError:
                 ctx.log("another run published meanwhile; it did this run's bookkeeping")
-        removed = remove_orphans(cfg.output, grace_s=_grace(cfg), run_id=ctx.run_id, launch_id=cfg.launch_id,
-                                 clock=CLOCK)  # fmt: skip
+        removed, failed = _remove_orphans(ctx)
     finally:
         if marker:
             storage.delete_files([marker])
-    return {**previous, "published": False, "orphans_removed": removed, "timings_s": ctx.timer.total(),
-            **_sync_catalog(cfg, ctx.log)}  # fmt: skip
+    done = {**previous, "published": False, "orphans_removed": removed, "timings_s": ctx.timer.total()}
+    return _after_swap(ctx, done, failed)
 
 
 def featurize(ctx: RunContext) -> None:
@@ -283,6 +282,9 @@ def fit(ctx: RunContext) -> None:
     ]
     ctx.report = {
         "run_id": ctx.run_id,
+        # The pipeline's run that launched this job: its settle tells from this that the run published, whatever
+        # its exit status (a step after the swap may fail it)
+        "launch_id": cfg.launch_id,
         "finished_at": None,
         "input": storage.normalize(cfg.input),
         "output": ctx.results.root,
@@ -354,11 +356,41 @@ def publish(ctx: RunContext) -> None:
 
 def clean(ctx: RunContext) -> dict:
     """After the swap: delete what the published state no longer reaches, and bring the Glue tables along."""
+    ctx.report["maintenance"]["orphans_removed"], failed = _remove_orphans(ctx)
+    return _after_swap(ctx, {**ctx.report, "published": True}, failed)
+
+
+class AfterSwapError(RuntimeError):
+    """What was published stays published, but a step after the swap failed: the run fails, and the next run (every
+    run does both steps) does it again. Carries the run's result for the summary."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
+
+
+def _remove_orphans(ctx: RunContext) -> tuple:
+    """(files removed, why not) : a failure is reported after the catalog sync, which it must not skip."""
     cfg = ctx.cfg
-    ctx.report["maintenance"]["orphans_removed"] = remove_orphans(
-        cfg.output, grace_s=_grace(cfg), run_id=ctx.run_id, launch_id=cfg.launch_id, clock=CLOCK
-    )
-    return {**ctx.report, "published": True, **_sync_catalog(cfg, ctx.log)}
+    try:
+        return remove_orphans(cfg.output, grace_s=_grace(cfg), run_id=ctx.run_id, launch_id=cfg.launch_id,
+                              clock=CLOCK), None  # fmt: skip
+    except storage.DeleteError as exc:
+        return 0, f"files the published tables no longer reach were not all deleted: {exc}"
+
+
+def _after_swap(ctx: RunContext, result: dict, failed: Optional[str]) -> dict:
+    """Sync the Glue tables whatever orphan removal did, then fail the run if either step failed."""
+    errors = [failed] if failed else []
+    try:
+        result = {**result, **_sync_catalog(ctx.cfg, ctx.log)}
+    except catalog.CatalogError as exc:
+        errors.append(str(exc))
+    if errors:
+        what = "results published" if result.get("published") else "nothing new published"
+        raise AfterSwapError(f"{what} (run {result['run_id']}), but " + "; and ".join(errors) +
+                             "; the next run does it again", result)  # fmt: skip
+    return result
 
 
 def _new_commit(ctx: RunContext) -> RunCommit:
@@ -389,8 +421,8 @@ def _listed_inputs(input_root: str, listing: pa.Table) -> Optional[dict]:
 
 
 def _sync_catalog(cfg: JobConfig, log) -> dict:
-    """Glue follows report.json. A failure fails the run (its results stay published): the retry, a no-change
-    run, syncs again."""
+    """Glue follows report.json. A failure fails the run (its results stay published): the next run, even a
+    no-change one, syncs again."""
     if not cfg.glue_database:
         return {}
     from botocore.exceptions import BotoCoreError, ClientError
@@ -398,9 +430,7 @@ def _sync_catalog(cfg: JobConfig, log) -> dict:
     try:
         done = catalog.sync_glue(cfg.output, cfg.glue_database)
     except (BotoCoreError, ClientError) as exc:
-        raise catalog.CatalogError(
-            f"results published, but the Glue tables of {cfg.glue_database} were not updated: {exc}"
-        ) from None
+        raise catalog.CatalogError(f"the Glue tables of {cfg.glue_database} were not updated: {exc}") from None
     log(f"Glue database {cfg.glue_database}: " + ", ".join(f"{name} {what}" for name, what in done.items()))
     return {"catalog": {"glue_database": cfg.glue_database, "tables": done}}
 

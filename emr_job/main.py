@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message="Falling back to pure Python Avro decoder")
     args = parse_args(argv)
     from emr_job.catalog import CatalogError
-    from emr_job.job import JobConfig, run
+    from emr_job.job import AfterSwapError, JobConfig, run
     from emr_job.report import summary
     from emr_job.session import spark_session
     from emr_job.store import CommitError
@@ -101,6 +101,10 @@ def main(argv=None) -> int:
             # mode (EMR on EC2 steps) fails an application that never creates one.
             session()
         rpt = run(cfg, log=log.info, session=session)
+    except AfterSwapError as exc:
+        print(summary(exc.result), flush=True)
+        log.error("run failed after publishing: %s", exc)
+        return 1
     except CatalogError as exc:
         log.error("run failed: %s", exc)
         return 1

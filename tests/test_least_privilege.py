@@ -76,12 +76,15 @@ def test_the_serverless_flow_needs_nothing_the_template_does_not_grant(recorder,
     for name, value in {**stack.env, **PRICES, "QUIET_SECONDS": "60"}.items():
         monkeypatch.setenv(name, value)
     stack.s3.upload_file(weights_file, BUCKET, stack.env["WEIGHTS_URI"].split("/", 3)[3])  # as JobArtifacts does
-    for path in make_tree(str(tmp_path / "src"), labels=("Kiwi", "Apple"), per_label=2):
-        stack.s3.upload_file(path, BUCKET, "images/" + os.path.relpath(path, tmp_path / "src"))
     as_principal(monkeypatch, "trigger")
     trigger = load("trigger.app")
     as_principal(monkeypatch, "job_state")
     job_state = load("job_state.app")
+    # The daily pass before any image or result: the missing report reads as "no results yet" (its listing is
+    # granted), so nothing starts on an empty bucket
+    assert job_state.lambda_handler({"action": "daily"}, lambda_context) == {"daily": "unchanged", "next": "clean"}
+    for path in make_tree(str(tmp_path / "src"), labels=("Kiwi", "Apple"), per_label=2):
+        stack.s3.upload_file(path, BUCKET, "images/" + os.path.relpath(path, tmp_path / "src"))
     clock = Clock(trigger.PIPELINE.state.clock())
     trigger.PIPELINE.state.clock = job_state.PIPELINE.state.clock = clock
     job_env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIAEMRJOBRUNTIMEROL", "PYSPARK_PYTHON": sys.executable,
@@ -153,7 +156,11 @@ def test_the_serverless_flow_needs_nothing_the_template_does_not_grant(recorder,
              f"arn:aws:emr-serverless:eu-west-3:{ACCOUNT}:/applications/{stack.app_id}/jobruns/x"),
         Call("job_state", "emr-serverless:CancelJobRun",
              f"arn:aws:emr-serverless:eu-west-3:{ACCOUNT}:/applications/other/jobruns/x"),
+        Call("job_state", "s3:ListBucket", f"arn:aws:s3:::{BUCKET}", (("s3:prefix", "results/"),)),
+        Call("job_state", "s3:GetObject", f"arn:aws:s3:::{BUCKET}/results/tables/features/metadata/x.json"),
     ]  # fmt: skip
+    listed = Call("job_state", "s3:ListBucket", f"arn:aws:s3:::{BUCKET}", (("s3:prefix", "results/report.json"),))
+    assert listed in calls and allows(granted["job_state"], listed)
     assert [c.describe() for c in outside if allows(granted[c.principal], c)] == []
 
 
@@ -213,7 +220,8 @@ def test_the_stack_puts_its_artifacts_in_place_with_only_what_it_is_granted(reco
     # Then every call it made is allowed by ArtifactsFunction's policies, with ModelWeights naming that file
     calls = recorded_calls(recorder, KEYS)
     assert {c.principal for c in calls} == {"artifacts"}
-    assert {"s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:ListBucket"} <= {c.action for c in calls}
+    assert {"s3:PutObject", "s3:GetObject", "s3:DeleteObjectVersion", "s3:ListBucket",
+            "s3:ListBucketVersions"} <= {c.action for c in calls}  # fmt: skip
     granted = stack_policies(stack, 0, ModelWeights=weights)
     check(calls, granted)
     # And nothing else of the bucket, nor any other file of the deployer's
@@ -222,5 +230,7 @@ def test_the_stack_puts_its_artifacts_in_place_with_only_what_it_is_granted(reco
         Call("artifacts", "s3:DeleteObject", f"arn:aws:s3:::{BUCKET}/results/report.json"),
         Call("artifacts", "s3:GetObject", "arn:aws:s3:::deployer/uploads/other.h5"),
         Call("artifacts", "s3:ListBucket", f"arn:aws:s3:::{BUCKET}", (("s3:prefix", "images/"),)),
+        Call("artifacts", "s3:ListBucketVersions", f"arn:aws:s3:::{BUCKET}", (("s3:prefix", "images/"),)),
+        Call("artifacts", "s3:DeleteObjectVersion", f"arn:aws:s3:::{BUCKET}/images/Kiwi/1.jpg"),
     ]
     assert [c.describe() for c in outside if allows(granted[c.principal], c)] == []

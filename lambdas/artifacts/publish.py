@@ -65,10 +65,12 @@ def publish(s3, req: Request, fetch: Optional[Callable[[str, str], None]] = None
 
 
 def remove(s3, req: Request) -> int:
-    """Delete: every artifact this resource put in place (the bucket itself is retained with the data)."""
+    """Delete: every version and delete marker of what this resource put in place, nothing else. A stack deletion
+    retains the bucket with the data; the rollback of a failed first create deletes the bucket it made, which S3
+    allows only once no version is left in it (RetainExceptOnCreate, docs/DEPLOY.md)."""
     removed = 0
     for folder in (f"{req.prefix}job/", f"{req.prefix}model/"):
-        removed += _delete_prefix(s3, req.bucket, folder)
+        removed += _delete_versions(s3, req.bucket, folder)
     return removed
 
 
@@ -193,6 +195,22 @@ def _delete_prefix(s3, bucket: str, prefix: str) -> int:
         if keys:
             s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
             count += len(keys)
+    return count
+
+
+def _delete_versions(s3, bucket: str, prefix: str) -> int:
+    """Every object version and delete marker under prefix, for good (a versioned bucket keeps what DeleteObject
+    removes as a noncurrent version). Raises ArtifactsError if S3 refuses some of them."""
+    count = 0
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        versions = [{"Key": v["Key"], "VersionId": v["VersionId"]}
+                    for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]  # fmt: skip
+        if versions:
+            errors = s3.delete_objects(Bucket=bucket, Delete={"Objects": versions, "Quiet": True}).get("Errors", [])
+            if errors:
+                codes = ", ".join(sorted({e.get("Code", "?") for e in errors}))
+                raise ArtifactsError(f"{len(errors)} versions under s3://{bucket}/{prefix} were not deleted ({codes})")
+            count += len(versions)
     return count
 
 

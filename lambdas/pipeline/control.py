@@ -112,7 +112,7 @@ def reconcile(p: Pipeline) -> dict:
         logger.info("given up, and other artifacts are deployed now: one more attempt")
         p.state.mark_daily()
     if run is None and state.cleanup_at is not None and now >= state.cleanup_at:
-        hurry = _mark_cleanup(p, state, now)
+        hurry = _mark_cleanup(p, state, now)  # also when given up: the erasure bound waits for no one
         return {"reconciled": "cleanup" if hurry else "start", "next": maybe_start(p, hurry).reason}
     if run is None or not run.job_id:
         return {"reconciled": "start", "next": maybe_start(p).reason}
@@ -278,12 +278,13 @@ def _cancel(p: Pipeline, run: Run, now: float) -> dict:
 def _mark_cleanup(p: Pipeline, state: State, now: float) -> bool:
     """The erasure cleanup the published run asked for is due: mark the pipeline dirty, once. True if marked here."""
     try:
-        p.state.mark_cleanup(state.cleanup_at)
+        p.state.mark_cleanup(state.cleanup_at, revive=state.given_up)
     except Conflict:
         return False  # another pass marked it
     count("CleanupRunsDue")
     logger.info("erasure cleanup due; starting a run", extra={"late_s": int(now - state.cleanup_at),
-                                                               "guessed": state.cleanup_guessed})  # fmt: skip
+                                                               "guessed": state.cleanup_guessed,
+                                                               "given_up": state.given_up})  # fmt: skip
     return True
 
 
@@ -302,23 +303,34 @@ def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
     alert = None
     given_up_on = None
     cleanup_at, guessed = None, False
-    if outcome.succeeded:
-        cleanup_at, guessed, alert = _cleanup_after(p, state)
-    else:
+    # A run that published is settled as published whatever its exit status: a step after its swap failed (orphan
+    # removal, the Glue sync), which the next run does again; its cleanup time must be kept (the erasure bound)
+    published = _published_by(p, run) if not outcome.succeeded and outcome.job_id else None
+    if outcome.succeeded or published is not None:
+        cleanup_at, guessed, alert = _cleanup_after(p, state, published)
+    if published is not None:
+        record["published"] = "yes"
+        due = f"; the erasure cleanup run starts at {_iso(cleanup_at)}" if cleanup_at else ""
+        alert = alert or _alert(f"run {run.run_id} published, then ended {outcome.state}", run, outcome.state,
+                                f"{outcome.detail}; its results are published and current; the step that failed "
+                                f"after publishing is done again by the next run{due}")  # fmt: skip
+    elif not outcome.succeeded:
         gave_up = state.failures + 1 >= s.max_attempts
         if gave_up:
             given_up_on = {"artifacts": s.artifacts_version, **_inputs_sha(p)}
         delay_min = retry_delay_s(s.retry_base_seconds, state.failures) // 60
-        then = GAVE_UP if gave_up else f"retrying in {delay_min} minutes"
+        then = GAVE_UP + _cleanup_left(state) if gave_up else f"retrying in {delay_min} minutes"
         if gave_up or not run.cancel_requested_at:  # a cancelled run was alerted as the cancel was requested
             alert = _alert(f"run {run.run_id} ended {outcome.state}", run, outcome.state, f"{outcome.detail}; {then}")
     try:
-        p.state.settle(state, outcome.succeeded, record, alert, s.retry_base_seconds, s.max_attempts, given_up_on,
-                       cleanup_at, guessed)  # fmt: skip
+        p.state.settle(state, outcome.succeeded or published is not None, record, alert, s.retry_base_seconds,
+                       s.max_attempts, given_up_on, cleanup_at, guessed)  # fmt: skip
     except Conflict:
         logger.info("run already settled by another invocation", extra={"run_id": run.run_id})
         return
     count("RunsSucceeded" if outcome.succeeded else "RunsFailed")
+    if published is not None:
+        count("RunsFailedAfterPublishing")
     if outcome.usage is None and outcome.job_id:
         used = _usage_after_settle(p, run, outcome.job_id)
     costs.emit(used)
@@ -342,14 +354,42 @@ def _usage_after_settle(p: Pipeline, run: Run, job_id: str) -> dict:
         return {}
 
 
-def _cleanup_after(p: Pipeline, state: State) -> tuple:
-    """(cleanup_at, guessed, alert) as a run succeeds: when the next run must start so that the files of superseded
-    snapshots go (the published report's maintenance.cleanup_due_at), or None. A report that cannot be read never
-    fails the settle: a cleanup run is guessed CLEANUP_GUESS_S later; if that run cannot read it either, guessing
-    stops (else one run per guess, forever) and a person is told."""
-    s, run = p.settings, state.run
+def _published_by(p: Pipeline, run: Run) -> Optional[dict]:
+    """The published report if this run published it (report.json records the launch id), else None. Unreadable:
+    None, and the run settles as failed, as before report.json recorded launch ids."""
+    s = p.settings
     try:
         report = published_report(p.s3, s.bucket, s.results_prefix)
+    except Exception:
+        logger.exception("the published report could not be read as a failed run settled", extra={"run_id": run.run_id})
+        count("ReportUnreadableAtSettle")
+        return None
+    return report if report and report.get("launch_id") == run.run_id else None
+
+
+def _cleanup_left(state: State) -> str:
+    """What the give-up alert adds when the erasure bound is at stake."""
+    if state.cleanup_pending:
+        return ("; an erasure cleanup is pending: files of superseded snapshots may still hold erased images until a "
+                "run succeeds (docs/DEPLOY.md, The erasure cleanup)")  # fmt: skip
+    if state.cleanup_at is not None:
+        return f"; the erasure cleanup due at {_iso(state.cleanup_at)} starts a run then all the same"
+    return ""
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _cleanup_after(p: Pipeline, state: State, report: Optional[dict] = None) -> tuple:
+    """(cleanup_at, guessed, alert) as a run succeeds (or published): when the next run must start so that the files
+    of superseded snapshots go (the published report's maintenance.cleanup_due_at), or None. report: the published
+    one, when read already. A report that cannot be read never fails the settle: a cleanup run is guessed
+    CLEANUP_GUESS_S later; if that run cannot read it either, guessing stops (else one run per guess, forever) and a
+    person is told."""
+    s, run = p.settings, state.run
+    try:
+        report = report or published_report(p.s3, s.bucket, s.results_prefix)
         due = ((report or {}).get("maintenance") or {}).get("cleanup_due_at")
         due = _epoch(due) if due else None
         if due is not None and due <= (run.started_at or run.claimed_at):

@@ -81,10 +81,16 @@ def current_inputs(s3, bucket: str, prefix: str) -> dict:
 
 
 def published_report(s3, bucket: str, results_prefix: str) -> Optional[dict]:
-    """The published run's report.json; None before the first run."""
+    """The published run's report.json; None before the first run. Listed before it is read: without s3:ListBucket
+    S3 answers a missing key with 403, not 404 (S3 API reference, GetObject), and the function may list this one
+    key alone, so "no results yet" never reads as "unreadable"."""
+    key = results_prefix + "report.json"
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("Contents", [])
+    if not any(o["Key"] == key for o in listed):
+        return None
     try:
-        body = s3.get_object(Bucket=bucket, Key=results_prefix + "report.json")["Body"].read()
-    except ClientError as exc:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:  # deleted between the listing and the read
         if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
             return None
         raise

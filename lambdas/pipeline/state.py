@@ -18,6 +18,7 @@ times, never an object key.
   cleanup_at         when a run must start so that the files of superseded snapshots go (erasure bound), from the
                      published report's maintenance.cleanup_due_at; cleanup_guessed: that time is a guess, the
                      report could not be read
+  cleanup_pending    a cleanup came due and no run has succeeded since (its run failed: the give-up alert says so)
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class State:
     alert: Optional[dict] = None
     cleanup_at: Optional[float] = None
     cleanup_guessed: bool = False
+    cleanup_pending: bool = False
 
     @property
     def dirty(self) -> bool:
@@ -145,6 +147,7 @@ class PipelineState:
             alert=_plain(item["alert"]) if "alert" in item else None,
             cleanup_at=_num(item, "cleanup_at"),
             cleanup_guessed=item.get("cleanup_guessed", {}).get("BOOL", False),
+            cleanup_pending=item.get("cleanup_pending", {}).get("BOOL", False),
         )
 
     # --- changes -------------------------------------------------------------------------------------
@@ -164,14 +167,17 @@ class PipelineState:
         except Conflict:
             return False
 
-    def mark_cleanup(self, seen_cleanup_at: float) -> None:
-        """A cleanup is due: behave as if something changed, and forget the due time in the same write. Raises
-        Conflict if another invocation marked it already (or a settle set another time meanwhile)."""
+    def mark_cleanup(self, seen_cleanup_at: float, revive: bool = False) -> None:
+        """A cleanup is due: behave as if something changed, and forget the due time in the same write. revive: the
+        pipeline had given up; the cleanup run gets attempts and back-off of its own (the erasure bound does not
+        wait for a person). Raises Conflict if another invocation marked it already (or a settle set another time
+        meanwhile)."""
         now = self.clock()
+        revived = ", failures = :zero REMOVE cleanup_at, retry_at" if revive else " REMOVE cleanup_at"
         self._update(
             "SET gen = if_not_exists(gen, :zero) + :one, first_change_at = if_not_exists(first_change_at, :now), "
-            "cleanup_marked_at = :now REMOVE cleanup_at",
-            {":zero": _n(0), ":one": _n(1), ":now": _n(now), ":seen": _n(int(seen_cleanup_at))},
+            "cleanup_marked_at = :now, cleanup_pending = :yes" + revived,
+            {":zero": _n(0), ":one": _n(1), ":now": _n(now), ":seen": _n(int(seen_cleanup_at)), ":yes": {"BOOL": True}},
             condition="cleanup_at = :seen",
         )
 
@@ -258,7 +264,7 @@ class PipelineState:
         sets, removes = ["last_run = :last"], ["#run"]
         if succeeded:
             sets += ["processed_gen = :gen", "failures = :zero"]
-            removes += ["retry_at", "given_up_gen", "given_up_on"]
+            removes += ["retry_at", "given_up_gen", "given_up_on", "cleanup_pending"]
             values.update({":gen": _n(run.gen), ":zero": _n(0)})
             if cleanup_at is None:
                 removes.append("cleanup_at")

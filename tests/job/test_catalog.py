@@ -6,6 +6,7 @@ import pytest
 from moto import mock_aws
 
 from emr_job import catalog
+from emr_job.job import AfterSwapError
 from emr_job.store import Results
 from tests.job.images import make_tree
 
@@ -52,7 +53,7 @@ def test_each_run_points_glue_at_the_tables_it_published(job, glue, tmp_path, we
 def test_a_failed_sync_fails_the_run_with_results_published_and_the_next_run_syncs(job, glue, tmp_path, weights_file):
     src, out = tmp_path / "in", tmp_path / "out"
     make_tree(str(src), labels=("a", "b"), per_label=2)
-    with pytest.raises(catalog.CatalogError, match=f"results published, but the Glue tables of {DB} were not upd"):
+    with pytest.raises(AfterSwapError, match=rf"results published \(run .*\), but the Glue tables of {DB} were not"):
         job(src, out, weights=weights_file, k=2, glue_database=DB)  # the database does not exist
     published = Results(str(out)).report
     assert published["images_ok"] == 4
@@ -61,6 +62,29 @@ def test_a_failed_sync_fails_the_run_with_results_published_and_the_next_run_syn
     retry = job(src, out, weights=weights_file, k=2, glue_database=DB)
     assert retry["published"] is False  # no model work: the retry only syncs
     assert glue_locations(glue) == published["commit"]["tables"]
+
+
+def test_orphans_that_cannot_be_deleted_fail_the_run_after_the_catalog_sync(job, glue, tmp_path, weights_file,
+                                                                               monkeypatch):  # fmt: skip
+    from emr_job import job as job_module
+    from emr_job.storage import DeleteError
+
+    # Given a store whose superseded files S3 refuses to delete (DeleteObjects answers per-key errors)
+    glue.create_database(DatabaseInput={"Name": DB})
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(str(src), labels=("a", "b"), per_label=2)
+
+    def refused(*args, **kwargs):
+        raise DeleteError("3 of 3 objects were not deleted (AccessDenied)")
+
+    monkeypatch.setattr(job_module, "remove_orphans", refused)
+
+    # When a run publishes
+    with pytest.raises(AfterSwapError, match="results published .* not all deleted: 3 of 3 .*; the next run does it"):
+        job(src, out, weights=weights_file, k=2, glue_database=DB)
+
+    # Then its results are published, and the Glue tables point at them all the same
+    assert glue_locations(glue) == Results(str(out)).report["commit"]["tables"]
 
 
 def test_a_late_sync_of_an_older_run_leaves_the_newer_tables(job, glue, tmp_path, weights_file):

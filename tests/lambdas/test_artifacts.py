@@ -207,6 +207,56 @@ def test_every_request_gets_its_one_response_even_on_error(handler, s3, web):
     assert cloudformation("Delete", "s3://deployer/w.h5", "d")["Status"] == "SUCCESS" and keys(s3) == set()
 
 
+def versions(s3) -> list:
+    """Every object version and delete marker in the bucket."""
+    found = []
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=BUCKET):
+        found += [(v["Key"], v["VersionId"]) for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+    return found
+
+
+def test_a_failed_first_create_rolls_back_to_a_bucket_cloudformation_can_delete(handler, s3, web):
+    # Given the stack's new bucket, versioned as template.yaml makes it
+    s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+
+    # When the first create fails at the weights (after the job and its runtime are uploaded), and CloudFormation's
+    # rollback sends the Delete with the physical id the failed response gave
+    create = cfn_event(web, "Create", {"ModelWeights": "s3://deployer/none.h5"}, "c", handler.source)
+    handler.lambda_handler(create, Context(60))
+    failed = web.responses["/c"]
+    assert failed["Status"] == "FAILED" and "could not read ModelWeights" in failed["Reason"]
+    assert versions(s3), "the job and its runtime were uploaded before the weights failed"
+    delete = {**cfn_event(web, "Delete", {"ModelWeights": "s3://deployer/none.h5"}, "d", handler.source),
+              "PhysicalResourceId": failed["PhysicalResourceId"]}  # fmt: skip
+    handler.lambda_handler(delete, Context(60))
+
+    # Then CloudFormation hears SUCCESS, and the bucket holds no object version at all: it can delete it, and
+    # running the same deploy again creates it anew
+    assert web.responses["/d"]["Status"] == "SUCCESS"
+    assert versions(s3) == []
+
+
+def test_delete_removes_every_version_of_the_artifacts_and_touches_nothing_else(s3, tmp_path):
+    from artifacts.publish import publish, remove
+
+    # Given a versioned bucket with images and results, and artifacts deployed twice (an older version superseded)
+    s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    deployer_weights(s3)
+    others = {"images/Kiwi/1.jpg", "results/report.json", "artifactsX/not-ours"}
+    for key in others:
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"y")
+    publish(s3, request(layer(tmp_path / "a", b"A"), keep_s=0))
+    publish(s3, request(layer(tmp_path / "b", b"B"), keep_s=0))  # prunes the first: noncurrent versions left
+
+    # When the stack is deleted
+    remove(s3, request(layer(tmp_path / "b", b"B")))
+
+    # Then no version of an artifact is left, and every version of everything else is
+    assert {key for key, _ in versions(s3)} == others
+    assert len(versions(s3)) == 2 * len(others)
+
+
 def test_a_request_that_would_outlive_the_function_is_answered_before_it_times_out(handler, s3, web, monkeypatch):
     from artifacts import app
 

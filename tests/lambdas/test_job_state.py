@@ -624,9 +624,31 @@ def test_files_that_are_not_images_never_start_a_daily_run(aws, job_state, clock
     assert job_runs(aws) == []
 
 
+def missing_keys_answer_403(aws, job_state) -> None:
+    """S3 as the function meets it: it may read report.json but not list results/, and S3 answers a GetObject of a
+    missing key 403 AccessDenied, not 404, to a caller without s3:ListBucket (S3 API reference, GetObject)."""
+    client = job_state.PIPELINE.s3
+    get = client.get_object
+
+    def get_object(**kwargs):
+        try:
+            return get(**kwargs)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "NoSuchKey":
+                raise
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"},
+                               "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject") from None  # fmt: skip
+
+    aws.monkeypatch.setattr(client, "get_object", get_object)
+
+
 def test_the_first_daily_pass_starts_a_run_for_images_older_than_the_stack(aws, job_state, clock, lambda_context):
-    # Given no results yet and an empty images/: nothing to do
+    # Given no results yet and an empty images/, and a report S3 answers 403 for while it is missing
+    missing_keys_answer_403(aws, job_state)
+
+    # Then nothing is to do: no run starts on an empty bucket
     assert daily(job_state, lambda_context) == {"daily": "unchanged", "next": "clean"}
+    assert job_runs(aws) == []
 
     # When images are there without any event (older than the stack, or their notifications lost)
     put_image(aws)
@@ -749,6 +771,76 @@ def test_a_due_cleanup_starts_one_run_at_its_time_without_waiting_for_uploads(aw
     succeed_with_report(aws, job_state, lambda_context, cleanup_due_at=None)
     clock.advance(86400)
     assert reconcile(job_state, lambda_context)["next"] == "clean" and len(job_runs(aws)) == 2
+
+
+def active_run_id(aws) -> str:
+    return state_item(aws)["run"]["M"]["run_id"]["S"]
+
+
+def test_a_run_that_fails_after_publishing_is_settled_as_published_and_keeps_its_cleanup(aws, trigger, job_state,
+                                                                                        clock, lambda_context):  # fmt: skip
+    from tests.lambdas.conftest import iso
+
+    # Given MAX_ATTEMPTS=2 and a first attempt that failed
+    put_image(aws)
+    upload(trigger, clock, lambda_context)
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+    clock.advance(301)
+    reconcile(job_state, lambda_context)
+    assert int(state_item(aws)["failures"]["N"]) == 1
+
+    # When the last attempt erases, publishes (report.json names its launch), then fails after the swap
+    due = clock.now + 1900
+    report = {**publish(aws, cleanup_due_at=iso(due)), "launch_id": active_run_id(aws)}
+    aws.s3.put_object(Bucket=BUCKET, Key="results/report.json", Body=json.dumps(report).encode())
+    result = job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+
+    # Then it is settled as published: no give-up, its cleanup kept, one alert that says what happened
+    item = state_item(aws)
+    assert result["next"] == "clean" and "given_up_gen" not in item and item["failures"]["N"] == "0"
+    assert int(item["cleanup_at"]["N"]) == math.ceil(due)
+    assert item["last_run"]["M"]["published"]["S"] == "yes" and item["last_run"]["M"]["state"]["S"] == "FAILED"
+    [first, alert] = alerts(aws)
+    assert "published, then ended FAILED" in alert["subject"] and "done again by the next run" in alert["detail"]
+
+    # And at its due time the cleanup run starts with no upload
+    clock.advance(1900 + 60)
+    assert reconcile(job_state, lambda_context) == {"reconciled": "cleanup", "next": "started"}
+
+
+def test_a_cleanup_due_after_giving_up_still_runs_with_retries_then_says_it_is_pending(aws, trigger, job_state, clock,
+                                                                                      lambda_context):  # fmt: skip
+    from tests.lambdas.conftest import iso
+
+    # Given a published run that asked for a cleanup, then a change whose runs failed until the pipeline gave up
+    put_image(aws)
+    upload(trigger, clock, lambda_context)
+    due = clock.now + 3000
+    succeed_with_report(aws, job_state, lambda_context, cleanup_due_at=iso(due))
+    clock.advance(300)
+    upload(trigger, clock, lambda_context, "images/A/2.jpg")
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+    clock.advance(301)
+    reconcile(job_state, lambda_context)
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+    gave_up = alerts(aws)[-1]
+    assert "no more automatic runs" in gave_up["detail"] and "cleanup due at" in gave_up["detail"]
+
+    # When the cleanup comes due: a run starts all the same
+    clock.advance(3000 - 601 + 5)
+    assert reconcile(job_state, lambda_context) == {"reconciled": "cleanup", "next": "started"}
+
+    # And when it fails, it is retried with the usual back-off, one alert per failure
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+    assert "retrying in 5 minutes" in alerts(aws)[-1]["detail"]
+    clock.advance(301)
+    assert reconcile(job_state, lambda_context)["next"] == "started"
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+
+    # Then after its last attempt the give-up alert says the cleanup is pending
+    [last] = alerts(aws)
+    assert "no more automatic runs" in last["detail"] and "an erasure cleanup is pending" in last["detail"]
+    assert len(job_runs(aws)) == 5
 
 
 def test_a_cleanup_still_due_after_a_run_that_started_later_waits_instead_of_looping(aws, trigger, job_state, clock,

@@ -81,6 +81,21 @@ def test_default_encryption_kms_or_s3_by_parameter(kms):
     assert rule["BucketKeyEnabled"] is True
 
 
+def test_a_failed_first_create_leaves_nothing_behind_that_a_retry_would_trip_on():
+    # A rollback of the first create deletes the bucket (fixed name) and the key; a stack deletion keeps both
+    for name in ("DataBucket", "DataKey"):
+        assert RESOURCES[name]["DeletionPolicy"] == "RetainExceptOnCreate"
+        assert RESOURCES[name]["UpdateReplacePolicy"] == "Retain"  # (it takes no RetainExceptOnCreate)
+    # ... which S3 allows once JobArtifacts' Delete removed every version it wrote, as its policy lets it
+    statements = {s["Sid"]: s for s in RESOURCES["ArtifactsFunction"]["Properties"]["Policies"][0]["Statement"]
+                  if isinstance(s, dict) and "Sid" in s}  # fmt: skip
+    assert "s3:DeleteObjectVersion" in statements["PutArtifactsInPlace"]["Action"]
+    assert "s3:ListBucketVersions" in statements["ListArtifacts"]["Action"]
+    # And a lost response fails the custom resource a minute after its function's timeout, not after an hour
+    timeout = RESOURCES["ArtifactsFunction"]["Properties"]["Timeout"]
+    assert timeout < RESOURCES["JobArtifacts"]["Properties"]["ServiceTimeout"] <= timeout + 120
+
+
 def test_block_public_access_all_four():
     assert BUCKET["PublicAccessBlockConfiguration"] == {
         "BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True,
@@ -401,6 +416,24 @@ def test_emr_serverless_application_is_cheap_when_idle():
     assert app["Architecture"] == {"Ref": "Architecture"}
     architecture = TEMPLATE["Parameters"]["Architecture"]
     assert architecture["Default"] == "ARM64" and set(architecture["AllowedValues"]) == {"ARM64", "X86_64"}
+
+
+# A new account's EMR Serverless quota, "Max concurrent vCPUs per account" (L-D05C8A75): docs/DEPLOY.md, Quotas.
+NEW_ACCOUNT_VCPUS = 16
+
+
+def test_a_runs_defaults_fit_a_new_accounts_emr_serverless_vcpu_quota():
+    # What a run asks for at its start and at its peak: the driver plus the initial, then the maximum, executors
+    parameters = TEMPLATE["Parameters"]
+    confs = dict(re.findall(r"--conf (\S+?)=(\S+)", parameters["SparkSubmitParameters"]["Default"]))
+    driver, executor = int(confs["spark.driver.cores"]), int(confs["spark.executor.cores"])
+    initial = int(confs["spark.dynamicAllocation.initialExecutors"])  # EMR Serverless's own default is 3
+    peak = int(confs["spark.dynamicAllocation.maxExecutors"])
+    ceiling = int(parameters["MaxVcpu"]["Default"].split()[0])
+    assert driver + initial * executor <= driver + peak * executor <= ceiling <= NEW_ACCOUNT_VCPUS
+    # ... and the memory ceiling holds as many workers: 4 GB for the driver, 8 GB per executor (the defaults' sizes)
+    memory = int(parameters["MaxMemory"]["Default"].split()[0])
+    assert driver * 2 + peak * executor * 2 <= memory
 
 
 def test_runs_are_priced_at_the_list_prices_of_their_architecture_unless_the_deployer_gives_the_regions():
