@@ -148,7 +148,7 @@ def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) 
         publish(ctx)
         return clean(ctx)
     finally:
-        storage.delete_files([marker])
+        _unmark(ctx, marker)
 
 
 def plan(cfg: JobConfig, log, session=None, fail_at: Optional[str] = None) -> RunContext:
@@ -200,7 +200,7 @@ def idle(ctx: RunContext) -> dict:
         removed, failed = _remove_orphans(ctx)
     finally:
         if marker:
-            storage.delete_files([marker])
+            _unmark(ctx, marker)
     done = {**previous, "published": False, "orphans_removed": removed, "timings_s": ctx.timer.total()}
     return _after_swap(ctx, done, failed)
 
@@ -391,6 +391,15 @@ def _after_swap(ctx: RunContext, result: dict, failed: Optional[str]) -> dict:
         raise AfterSwapError(f"{what} (run {result['run_id']}), but " + "; and ".join(errors) +
                              "; the next run does it again", result)  # fmt: skip
     return result
+
+
+def _unmark(ctx: RunContext, marker: str) -> None:
+    """The run's marker goes; one S3 would not delete never hides the run's own outcome: the next launched run
+    takes it for dead, and any marker is stale after a day (store.MAX_RUN_S)."""
+    try:
+        storage.delete_files([marker])
+    except storage.DeleteError as exc:
+        ctx.log(f"the run's marker was not deleted ({exc}); the next run removes it")
 
 
 def _new_commit(ctx: RunContext) -> RunCommit:

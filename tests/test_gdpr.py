@@ -4,10 +4,13 @@ the run that sees the deletion, only files of superseded snapshots (kept for rea
 the cleanup run the pipeline starts at the time the report gives, under an hour later, removes those."""
 
 import json
+import math
 import os
 from datetime import datetime
 
 import boto3
+import pytest
+from botocore.exceptions import ClientError
 
 from emr_job import job as job_module
 from emr_job.store import Results, referenced_files
@@ -21,13 +24,13 @@ VICTIM = "images/Kiwi/Zoë Dupont+copy 1.jpg"  # a person's name, a '+', a space
 RESULTS = f"s3://{BUCKET}/results"
 
 
-def run_job(stack, job_id: str) -> None:
+def run_job(stack, job_id: str, exit_status: int = 0) -> None:
     """What EMR Serverless would run for this job run: the job, with the arguments the launcher passed (in this
     process, so that the clock the test moves is the job's too)."""
     from emr_job.main import main
 
     run = stack.emrs.get_job_run(applicationId=stack.app_id, jobRunId=job_id)["jobRun"]
-    assert main(run["jobDriver"]["sparkSubmit"]["entryPointArguments"]) == 0
+    assert main(run["jobDriver"]["sparkSubmit"]["entryPointArguments"]) == exit_status
 
 
 def latest_holding(s3) -> set:
@@ -135,3 +138,90 @@ def _decoded(key: str, body: bytes) -> bytes:
 
     table = pq.read_table(io.BytesIO(body))
     return "\n".join(str(v) for column in table.columns for v in column.to_pylist()).encode()
+
+
+class RefusingDeletes:
+    """S3 as the job's client meets it when DeleteObjects answers 200 with a per-key error for every table and run
+    file (a bucket policy, a KMS or a throttling fault)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def delete_objects(self, Bucket, Delete):  # noqa: N803  (boto3's names)
+        refused = [o for o in Delete["Objects"] if "/_running/" not in o["Key"]]
+        kept = [o for o in Delete["Objects"] if o not in refused]
+        if kept:
+            self.client.delete_objects(Bucket=Bucket, Delete={**Delete, "Objects": kept})
+        return {"Errors": [{"Key": o["Key"], "Code": "AccessDenied", "Message": "Access Denied"} for o in refused]}
+
+
+@pytest.mark.parametrize("fault", ["DeleteObjects per-key errors", "a Glue error"])
+def test_a_run_that_fails_after_publishing_on_its_last_attempt_still_gets_its_cleanup(
+    moto_server, weights_file, tmp_path, monkeypatch, lambda_context, fault
+):
+    from emr_job import catalog, storage
+
+    # Given the stack on a moto server (MAX_ATTEMPTS=2), images including the victim, all processed
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    stack = create_stack()
+    stack.s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    for name, value in stack.env.items():
+        monkeypatch.setenv(name, value)
+    assert stack.env["MAX_ATTEMPTS"] == "2"
+    stack.s3.upload_file(weights_file, BUCKET, stack.env["WEIGHTS_URI"].split("/", 3)[3])
+    for path in make_tree(str(tmp_path / "src"), labels=("Kiwi", "Apple"), per_label=3):
+        stack.s3.upload_file(path, BUCKET, "images/" + os.path.relpath(path, tmp_path / "src"))
+    stack.s3.put_object(Bucket=BUCKET, Key=VICTIM, Body=encoded(rgb(9), "JPEG"))
+    trigger, job_state = load("trigger.app"), load("job_state.app")
+    now = [job_state.PIPELINE.state.clock()]
+    job_state.PIPELINE.state.clock = trigger.PIPELINE.state.clock = lambda: now[0]
+    monkeypatch.setattr(job_module, "CLOCK", lambda: now[0])
+    ended = lambda state: job_state.lambda_handler(  # noqa: E731
+        serverless_state(job_state.PIPELINE.state.read().run.job_id, stack.app_id, state), lambda_context
+    )
+    trigger.lambda_handler(sqs_event([{"Records": [s3_record(VICTIM)]}]), lambda_context)
+    run_job(stack, job_state.PIPELINE.state.read().run.job_id)
+    ended("SUCCESS")
+
+    # When the image is erased, the first attempt fails, and the last one publishes, then fails after the swap
+    stack.s3.delete_object(Bucket=BUCKET, Key=VICTIM)
+    now[0] += 120
+    trigger.lambda_handler(sqs_event([{"Records": [s3_record(VICTIM, "ObjectRemoved:Delete", at=now[0])]}]),
+                           lambda_context)  # fmt: skip
+    ended("FAILED")
+    now[0] += 301
+    job_state.lambda_handler({"action": "reconcile"}, lambda_context)
+    with monkeypatch.context() as faulty:
+        if fault == "a Glue error":
+            faulty.setattr(catalog, "sync_glue", lambda *a, **k: (_ for _ in ()).throw(
+                ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow"}}, "UpdateTable")))  # fmt: skip
+        else:
+            faulty.setattr(storage, "s3_client", lambda client=storage.s3_client(): RefusingDeletes(client))
+        run_job(stack, job_state.PIPELINE.state.read().run.job_id, exit_status=1)
+    ended("FAILED")
+
+    # Then the run is settled as published: the key left every current file, nothing gave up, a cleanup is due
+    assert f"s3://{BUCKET}/{VICTIM}" not in rows(RESULTS, "features")
+    state = job_state.PIPELINE.state.read()
+    assert not state.given_up and state.failures == 0 and state.last_run["published"] == "yes"
+    due = datetime.fromisoformat(Results(RESULTS).report["maintenance"]["cleanup_due_at"]).timestamp()
+    assert state.cleanup_at == math.ceil(due) and due - now[0] <= 3600 - 15 * 60
+    glue = boto3.client("glue", endpoint_url=moto_server)
+    features = glue.get_table(DatabaseName="image_features_dev", Name="features")["Table"]["Parameters"]
+    synced = features["metadata_location"] == Results(RESULTS).report["commit"]["tables"]["features"]
+    assert synced == (fault != "a Glue error")  # orphans that could not go did not skip the sync
+
+    # When the reconciler comes round at the due time, with no further upload
+    now[0] = due + 5 * 60
+    assert job_state.lambda_handler({"action": "reconcile"}, lambda_context)["reconciled"] == "cleanup"
+    run_job(stack, job_state.PIPELINE.state.read().run.job_id)
+    ended("SUCCESS")
+
+    # Then no file of a current or superseded snapshot, and no current object, holds the erased key
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    assert latest_holding(s3) == set()  # every file of every snapshot still reachable is a current object
+    assert glue.get_table(DatabaseName="image_features_dev", Name="features")["Table"]["Parameters"][
+        "metadata_location"] == Results(RESULTS).report["commit"]["tables"]["features"]  # fmt: skip
