@@ -16,20 +16,27 @@ STACK_ENV ?= default
 OVERRIDES ?=
 WEIGHTS_FILE ?= dist/mobilenet_v2.weights.h5
 SAM ?= $(SAM_VENV)/bin/sam
+IMAGE_FEATURES ?= $(SAM_VENV)/bin/image-features
 
 export SAM_CLI_TELEMETRY := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup sam-setup scan-setup run sample test bench lint invoke demo demo-up package weights deploy clean
+.PHONY: setup sam-setup scan-setup run sample test bench lint invoke demo demo-up package weights preflight deploy clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/bin/image-features
 $(VENV)/.installed: requirements-dev.txt emr_job/requirements.txt lambdas/requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(call PIP_INSTALL,$(VENV)) -r requirements-dev.txt -c constraints.txt
 	touch $@
 
+# The operator's commands (image-features preflight, ...), from this checkout: pyproject.toml's console script, in
+# .venv and in .venv-sam (they need boto3 and PyYAML only, so make deploy needs no TensorFlow or Spark).
+%/bin/image-features: pyproject.toml | %/.installed
+	$(call PIP_INSTALL,$*) --no-deps -e .
+	touch $@
+
 # SAM CLI pins many packages of its own: it gets a virtual environment of its own.
-sam-setup: $(SAM_VENV)/.installed
+sam-setup: $(SAM_VENV)/.installed $(SAM_VENV)/bin/image-features
 $(SAM_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(SAM_VENV)
 	$(call PIP_INSTALL,$(SAM_VENV)) aws-sam-cli==$(SAM_CLI_VERSION)
@@ -81,9 +88,15 @@ package: setup
 weights: setup
 	$(PY) -m emr_job.package fetch-imagenet $(WEIGHTS_FILE)
 
+# Read-only checks of what sam deploy needs (region, quota, tools, Engine=ec2's subnet), for the same environment,
+# overrides and SAM CLI as make deploy; it exits 1, and stops make deploy, when the deployment would fail.
+preflight: sam-setup
+	$(IMAGE_FEATURES) preflight --config-env $(STACK_ENV) --sam $(SAM) \
+	  $(if $(strip $(OVERRIDES)),--parameter-overrides "$(OVERRIDES)") $(ARGS)
+
 # The README's rollout with checks around it: `sam build && sam deploy`. OVERRIDES="Key='a value' ..." are added to
 # the samconfig environment's parameter_overrides (SAM would otherwise replace them), quotes kept for SAM to read.
-deploy: sam-setup
+deploy: sam-setup preflight
 	$(SAM) validate --lint
 	$(SAM) build
 	$(SAM) deploy --config-env $(STACK_ENV) $(if $(strip $(OVERRIDES)),--parameter-overrides \

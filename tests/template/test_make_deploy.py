@@ -22,8 +22,9 @@ def fake_sam(tmp_path: Path) -> Path:
 
 
 def make_deploy(tmp_path: Path, *variables: str) -> list:
-    sam = fake_sam(tmp_path)
-    proc = subprocess.run(["make", "--no-print-directory", "deploy", f"SAM={sam}", *variables], cwd=ROOT,
+    sam = fake_sam(tmp_path)  # stands in for image-features too: its preflight would call AWS
+    command = ["make", "--no-print-directory", "deploy", f"SAM={sam}", f"IMAGE_FEATURES={sam}", *variables]
+    proc = subprocess.run(command, cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, "MAKEFLAGS": ""})  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
@@ -41,10 +42,12 @@ def test_make_deploy_is_validate_build_deploy_and_keeps_values_with_spaces(tmp_p
     # When make deploy runs with an environment whose overrides hold spaces, plus overrides of the user's
     calls = make_deploy(tmp_path, "STACK_ENV=dev", "OVERRIDES=MaxDisk='500 GB' AlertEmail=ops@example.org")
 
-    # Then it checks the template, builds, and deploys that environment
-    assert [c[0] for c in calls] == ["validate", "build", "deploy"]
-    assert calls[0] == ["validate", "--lint"]
-    deploy = calls[2]
+    # Then it runs the preflight of that environment and overrides, checks the template, builds, and deploys
+    assert [c[0] for c in calls] == ["preflight", "validate", "build", "deploy"]
+    assert calls[0][:5] == ["preflight", "--config-env", "dev", "--sam", str(tmp_path / "sam")]
+    assert as_sam_reads(calls[0][calls[0].index("--parameter-overrides") + 1])["MaxDisk"] == "500 GB"
+    assert calls[1] == ["validate", "--lint"]
+    deploy = calls[3]
     assert deploy[:3] == ["deploy", "--config-env", "dev"]
     # And SAM reads every value whole: the environment's and the user's, the user's added, not replacing
     overrides = as_sam_reads(deploy[deploy.index("--parameter-overrides") + 1])
@@ -55,7 +58,7 @@ def test_make_deploy_is_validate_build_deploy_and_keeps_values_with_spaces(tmp_p
 
 def test_without_overrides_sam_reads_samconfig_itself(tmp_path):
     calls = make_deploy(tmp_path, "STACK_ENV=dev")
-    assert calls[2] == ["deploy", "--config-env", "dev"]
+    assert calls[3] == ["deploy", "--config-env", "dev"]
     # ... whose quoted values SAM's parser keeps whole (without the quotes, '16 vCPU' would arrive as '16')
     code = "import sys; sys.path.insert(0, 'emr_job'); import package; print(package.overrides('dev'))"
     text = subprocess.run([str(SAM_PYTHON), "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
