@@ -3,12 +3,14 @@ stack; the JobArtifacts custom resource driven as CloudFormation drives it (Crea
 Delete, each answered at its ResponseURL); images dropped and results checked. The job runs on the EMR image's
 Python version with only what the stack shipped: no site-packages, no project venv."""
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -160,14 +162,22 @@ def test_the_runtime_has_no_tensorflow_and_never_pyspark(sam_build):
 
 def test_an_ec2_step_runs_the_shipped_runtime_as_yarn_does(sam_build, moto_server, tmp_path, weights_file, monkeypatch):
     """Engine=ec2: no bootstrap action installs anything; the step brings the runtime archive (--archives, which
-    YARN unpacks beside the driver and each executor) and points PySpark at its interpreter."""
+    YARN unpacks beside the driver and each executor) and points PySpark at its interpreter, whatever EMR's
+    spark-env.sh exports on the node that submits (the system Python, which the YARN client copies to the driver)."""
     import boto3
     from artifacts.publish import Request, publish
     from pipeline.launchers import Ec2Launcher
     from pipeline.settings import load
 
     from tests.lambdas.stack import BUCKET, create_stack
-    from tests.localstack.stack import emr_environment, local_submit_parameters, spark_home, unpack_runtime
+    from tests.localstack.stack import (
+        emr_environment,
+        local_submit_parameters,
+        spark_home,
+        submitter_environment,
+        unpack_runtime,
+        yarn_app_master_environment,
+    )
     from tests.localstack.stack import fetch as localize
 
     # Given the stack's bucket with the artifacts JobArtifacts puts there from the sam-built layer
@@ -194,7 +204,8 @@ def test_an_ec2_step_runs_the_shipped_runtime_as_yarn_does(sam_build, moto_serve
     assert words[:5] == ["timeout", "180m", "spark-submit", "--deploy-mode", "cluster"]
 
     # And the step's spark-submit runs here as YARN would run it: the archive unpacked in the container's folder,
-    # the driver's environment from appMasterEnv, EMR's Python 3.9, no venv, no package index
+    # the driver's environment built by the YARN client from appMasterEnv and the submitter's spark-env.sh, EMR's
+    # Python 3.9, no venv, no package index
     folder = tmp_path / "container"
     folder.mkdir()
 
@@ -203,18 +214,49 @@ def test_an_ec2_step_runs_the_shipped_runtime_as_yarn_does(sam_build, moto_serve
 
     entry = words.index(settings.job_entry_uri)
     unpack = lambda uri, alias: unpack_runtime(fetch(uri), folder / alias)  # noqa: E731
-    submit, driver_env = local_submit_parameters(words[5:entry], fetch, unpack)
-    command = [*words[:2], str(spark_home() / "bin" / "spark-submit"), "--master", "local[2]", *submit,
-               fetch(settings.job_entry_uri), *words[entry + 1 :]]  # fmt: skip
-    proc = subprocess.run(command, cwd=folder, env=emr_environment(moto_server, spark_home(), driver_env),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    submit, app_master_env = local_submit_parameters(words[5:entry], fetch, unpack)
+    submitter = submitter_environment(emr_environment(moto_server, spark_home(), {}), tmp_path / "spark-conf")
+    driver_env = yarn_app_master_environment(app_master_env, submitter)
+    main = fetch(settings.job_entry_uri)
+    command = [*words[:2], str(spark_home() / "bin" / "spark-submit"), "--master", "local[2]", *submit, main,
+               *words[entry + 1 :]]  # fmt: skip
+    with driver_interpreters(main) as drivers:
+        proc = subprocess.run(command, cwd=folder, env=emr_environment(moto_server, spark_home(), driver_env),
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
 
-    # Then the run succeeds, with the runtime's packages
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert driver_env == {"PYSPARK_PYTHON": "./environment/bin/python"}
+    # Then the run succeeds, its driver on the runtime's interpreter though the system Python reached its environment
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # PythonRunner: Python's stderr to stdout
+    assert driver_env == {"PYSPARK_PYTHON": "./environment/bin/python", "PYSPARK_DRIVER_PYTHON": "/usr/bin/python3"}
+    assert "spark.pyspark.driver.python=./environment/bin/python" in submit
+    assert drivers == {str(folder / "environment" / "bin" / "python")}
     body = s3.get_object(Bucket=BUCKET, Key="results/report.json")["Body"].read()
     rpt = json.loads(body)
     assert rpt["images_ok"] == 4 and rpt["engine"] == "onnxruntime 1.19.2"
+
+
+@contextlib.contextmanager
+def driver_interpreters(main: str):
+    """The interpreters that ran `main` while the block ran, as absolute paths the way the driver's sys.executable
+    names them: PythonRunner starts `<interpreter> <main> <args>` (Linux's /proc tells, without touching the job)."""
+    seen, stop = set(), threading.Event()
+
+    def watch():
+        while not stop.wait(0.05):
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                    if main in argv[1:3]:
+                        seen.add(os.path.normpath(os.path.join(os.readlink(proc / "cwd"), argv[0])))
+                except OSError:
+                    continue  # the process ended meanwhile
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join()
 
 
 def newest_python() -> str:

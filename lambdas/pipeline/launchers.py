@@ -42,8 +42,12 @@ SERVERLESS_PYTHON = (
     f"spark.executorEnv.PYSPARK_PYTHON={RUNTIME_PYTHON}",
 )
 # YARN cluster mode (EMR on EC2): the driver runs in the application master's container (Spark's Python package
-# management guide).
+# management guide). The spark.pyspark.* confs outrank the system Python that the YARN client copies from EMR's
+# spark-env.sh into it (Spark v3.5.9: yarn/Client.scala L934-942; deploy/PythonRunner.scala L43-47 reads confs first).
+# The PYSPARK_PYTHON variables are redundant beside the confs (PythonRunner.scala L85 passes the conf on), not wrong.
 YARN_PYTHON = (
+    f"spark.pyspark.driver.python={RUNTIME_PYTHON}",
+    f"spark.pyspark.python={RUNTIME_PYTHON}",
     f"spark.yarn.appMasterEnv.PYSPARK_PYTHON={RUNTIME_PYTHON}",
     f"spark.executorEnv.PYSPARK_PYTHON={RUNTIME_PYTHON}",
 )

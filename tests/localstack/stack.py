@@ -710,7 +710,8 @@ def local_submit_parameters(parameters, fetch, unpack) -> tuple:
     (spark-submit options, driver environment). --py-files are fetched from S3; spark.archives and --archives
     are fetched and unpacked into the job's folder under their alias, as EMR does beside each driver and
     executor; spark.emr-serverless.driverEnv.* and spark.yarn.appMasterEnv.* (the driver's container in YARN
-    cluster mode) become the driver's environment; sizes a laptop does not have, and the deploy mode, go."""
+    cluster mode) become the driver's environment; other confs, spark.pyspark.* among them (which PythonRunner reads
+    before any environment), go to the local spark-submit; sizes a laptop does not have, and the deploy mode, go."""
     out, env = [], {}
     words = shlex.split(parameters) if isinstance(parameters, str) else list(parameters)
     driver_env = ("spark.emr-serverless.driverEnv.", "spark.yarn.appMasterEnv.")
@@ -789,6 +790,35 @@ def emr_environment(endpoint: str, spark_home: Path, driver_env: dict) -> dict:
                AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION, **driver_env)  # fmt: skip
     # No package index at run time (private subnets): any pip the job ran would fail here
     env.update(PIP_NO_INDEX="1", PIP_INDEX_URL="http://127.0.0.1:9/unreachable")
+    return env
+
+
+# What EMR's /etc/spark/conf/spark-env.sh on the primary node says of Python: both default to the system one.
+EMR_SPARK_ENV = """export PYSPARK_PYTHON=${PYSPARK_PYTHON:-/usr/bin/python3}
+export PYSPARK_DRIVER_PYTHON=${PYSPARK_DRIVER_PYTHON:-/usr/bin/python3}
+"""
+
+
+def submitter_environment(base: dict, conf_dir: Path) -> dict:
+    """spark-submit's own environment on an EMR primary node: the step's, then EMR's spark-env.sh, which
+    spark-submit sources (bin/load-spark-env.sh) before the YARN client builds the application master's."""
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    (conf_dir / "spark-env.sh").write_text(EMR_SPARK_ENV)
+    script = 'set -a; source "$1/spark-env.sh"; env -0'
+    out = subprocess.run(["bash", "-c", script, "bash", str(conf_dir)], env=base, capture_output=True, check=True)
+    return dict(item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
+
+
+def yarn_app_master_environment(app_master_env: dict, submitter: dict) -> dict:
+    """The application master's environment (the driver's, in cluster mode) as Spark 3.5's YARN client builds it:
+    spark.yarn.appMasterEnv.* first, then PYSPARK_DRIVER_PYTHON and PYSPARK_PYTHON copied from spark-submit's own
+    environment where those did not set them, and PYTHONHASHSEED (yarn/Client.scala setupLaunchEnv, v3.5.9 L934-942)."""
+    env = dict(app_master_env)
+    for name in ("PYSPARK_DRIVER_PYTHON", "PYSPARK_PYTHON"):
+        if name not in env and name in submitter:
+            env[name] = submitter[name]
+    if "PYTHONHASHSEED" in submitter:
+        env["PYTHONHASHSEED"] = submitter["PYTHONHASHSEED"]
     return env
 
 
