@@ -224,6 +224,9 @@ def test_samconfig_environments_and_capabilities():
         # which `sam deploy --guided` takes from here (guided_context: the environment's capabilities by default)
         assert deploy["capabilities"] == "CAPABILITY_IAM CAPABILITY_NAMED_IAM"
         assert "Stage=" in deploy["parameter_overrides"]
+        # A failed first create ends ROLLBACK_COMPLETE, which no later deploy may update: SAM deletes it instead
+        # (samcli/lib/deploy/deployer.py, rollback_delete_stack), so running the same command retries it
+        assert deploy["on_failure"] == "DELETE"
     assert config["prod"]["deploy"]["parameters"]["stack_name"] != config["dev"]["deploy"]["parameters"]["stack_name"]
 
 
