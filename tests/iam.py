@@ -78,8 +78,14 @@ def _s3(method: str, path: str, query: dict, headers: dict, body: str) -> list:
     if not key:
         if method == "POST" and "delete" in query:  # DeleteObjects: per object, DeleteObjectVersion with a VersionId
             objects = re.findall(r"<Object>(.*?)</Object>", body, re.S)
-            return [("s3:DeleteObjectVersion" if "<VersionId>" in o else "s3:DeleteObject",
-                     f"{bucket_arn}/{unquote(re.search(r'<Key>([^<]*)</Key>', o).group(1))}", {}) for o in objects]
+            return [
+                (
+                    "s3:DeleteObjectVersion" if "<VersionId>" in o else "s3:DeleteObject",
+                    f"{bucket_arn}/{unquote(re.search(r'<Key>([^<]*)</Key>', o).group(1))}",
+                    {},
+                )
+                for o in objects
+            ]
         if "versions" in query:
             return [("s3:ListBucketVersions", bucket_arn, {"s3:prefix": query.get("prefix", [""])[0]})]
         if "location" in query:

@@ -777,8 +777,9 @@ def active_run_id(aws) -> str:
     return state_item(aws)["run"]["M"]["run_id"]["S"]
 
 
-def test_a_run_that_fails_after_publishing_is_settled_as_published_and_keeps_its_cleanup(aws, trigger, job_state,
-                                                                                        clock, lambda_context):  # fmt: skip
+def test_a_run_that_fails_after_publishing_is_settled_as_published_and_keeps_its_cleanup(
+    aws, trigger, job_state, clock, lambda_context
+):
     from tests.lambdas.conftest import iso
 
     # Given MAX_ATTEMPTS=2 and a first attempt that failed
