@@ -60,6 +60,11 @@ def _authorizations(service: str, entry: dict, body: str) -> list:
     if service == "sqs":
         queue = json.loads(body)["QueueUrl"].rstrip("/").rsplit("/", 1)[-1]
         return [(f"sqs:{target.split('.')[-1]}", f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queue}", {})]
+    if service == "events":  # PutEvents: authorized per entry, on its bus, with the entry's source
+        doc = json.loads(body)
+        bus = f"arn:aws:events:{REGION}:{ACCOUNT}:event-bus/%s"
+        return [(f"events:{target.split('.')[-1]}", bus % e.get("EventBusName", "default"),
+                 {"events:source": e.get("Source", "")}) for e in doc.get("Entries", [])]  # fmt: skip
     if service == "sns":
         form = parse_qs(body)
         return [(f"sns:{form['Action'][0]}", form.get("TopicArn", ["*"])[0], {})]

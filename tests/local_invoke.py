@@ -60,6 +60,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with open(args.event, encoding="utf-8") as fh:
         event = json.load(fh)
+    if event.get("source") == "image-features":
+        print(f"{args.event} is an event the stack puts on the default bus for downstream rules (docs/DEPLOY.md, "
+              "Events for what comes next); no function of the stack handles it", file=sys.stderr)  # fmt: skip
+        return 2
     with mock_aws():
         stack = create_stack()
         os.environ.update(stack.env)

@@ -133,7 +133,7 @@ def test_the_serverless_flow_needs_nothing_the_template_does_not_grant(recorder,
     assert {"sqs:SendMessage", "sns:Publish", "emr-serverless:StartJobRun", "emr-serverless:GetJobRun",
             "emr-serverless:ListJobRuns", "emr-serverless:CancelJobRun", "iam:PassRole", "dynamodb:UpdateItem",
             "s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "glue:CreateTable",
-            "glue:UpdateTable"} <= actions  # fmt: skip
+            "glue:UpdateTable", "events:PutEvents"} <= actions  # fmt: skip
     assert job_state.PIPELINE.state.read().last_run["state"] == "CANCELLED"
     granted = stack_policies(stack, 0)
     check(calls, granted)
@@ -158,6 +158,10 @@ def test_the_serverless_flow_needs_nothing_the_template_does_not_grant(recorder,
              f"arn:aws:emr-serverless:eu-west-3:{ACCOUNT}:/applications/other/jobruns/x"),
         Call("job_state", "s3:ListBucket", f"arn:aws:s3:::{BUCKET}", (("s3:prefix", "results/"),)),
         Call("job_state", "s3:GetObject", f"arn:aws:s3:::{BUCKET}/results/tables/features/metadata/x.json"),
+        Call("job_state", "events:PutEvents", f"arn:aws:events:eu-west-3:{ACCOUNT}:event-bus/default",
+             (("events:source", "aws.s3"),)),
+        Call("trigger", "events:PutEvents", f"arn:aws:events:eu-west-3:{ACCOUNT}:event-bus/other",
+             (("events:source", "image-features"),)),
     ]  # fmt: skip
     listed = Call("job_state", "s3:ListBucket", f"arn:aws:s3:::{BUCKET}", (("s3:prefix", "results/report.json"),))
     assert listed in calls and allows(granted["job_state"], listed)

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Optional
 
-from pipeline import costs
+from aws_lambda_powertools.metrics import MetricUnit
+
+from pipeline import costs, events
 from pipeline.inputs import current_inputs, published_report
 from pipeline.launchers import JobOutcome, StartBlocked, StartRefused
 from pipeline.notifications import TICK
-from pipeline.observability import count, digest, logger
+from pipeline.observability import count, digest, logger, measure
 from pipeline.settings import Settings
 from pipeline.state import Conflict, PipelineState, Run, State, retry_delay_s
 
@@ -41,6 +43,7 @@ class Pipeline:
     sqs: object = None
     sns: object = None
     s3: object = None
+    events: object = None  # EventBridge, for the default bus
 
 
 @dataclass
@@ -66,7 +69,7 @@ def maybe_start(p: Pipeline, hurry: bool = False) -> Started:
     """Start a run if the pipeline is dirty, no run is active, and uploads have settled (or waited too long).
     hurry: start without waiting for uploads to settle (an erasure cleanup is due)."""
     state = p.state.read()
-    flush_alert(p, state)
+    flush(p, state)
     now, s = p.state.clock(), p.settings
     if state.run is not None:
         if not state.run.job_id and now - state.run.claimed_at > STARTING_GRACE_S:
@@ -105,7 +108,7 @@ def reconcile(p: Pipeline) -> dict:
     """The schedule's pass: settle a run whose end event was lost or early, retry a start that never reported,
     cancel a run past its timeout, start a run for a due erasure cleanup, and start a deferred run."""
     state = p.state.read()
-    flush_alert(p, state)
+    flush(p, state)
     run, now = state.run, p.state.clock()
     if run is None and state.given_up and (state.given_up_on or {}).get("artifacts") != p.settings.artifacts_version:
         # A deployment since the pipeline gave up may be the fix: one more attempt now, not at the daily pass
@@ -271,7 +274,7 @@ def _cancel(p: Pipeline, run: Run, now: float) -> dict:
         _alert_once(p, run, "stuck", f"run {run.run_id} not ended {minutes} minutes after its cancel", "CANCELLING",
                     f"EMR has not ended the run since the reconciler cancelled it{why}; no other run starts until it "
                     "ends: it needs a person; see docs/DEPLOY.md, Operations")  # fmt: skip
-    flush_alert(p, p.state.read())
+    flush(p, p.state.read())
     return {"reconciled": "cancelling", "run_id": run.run_id}
 
 
@@ -290,7 +293,7 @@ def _mark_cleanup(p: Pipeline, state: State, now: float) -> bool:
 
 def _alert_once(p: Pipeline, run: Run, incident: str, subject: str, state: str, detail: str) -> None:
     if p.state.alert_once(run, incident, _alert(subject, run, state, detail)):
-        flush_alert(p, p.state.read())
+        flush(p, p.state.read())
 
 
 def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
@@ -304,11 +307,14 @@ def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
     given_up_on = None
     cleanup_at, guessed = None, False
     # A run that published is settled as published whatever its exit status: a step after its swap failed (orphan
-    # removal, the Glue sync), which the next run does again; its cleanup time must be kept (the erasure bound)
-    published = _published_by(p, run) if not outcome.succeeded and outcome.job_id else None
+    # removal, the Glue sync), which the next run does again; its cleanup time must be kept (the erasure bound).
+    # No job, no report to read (a refused start; the trigger may not read it).
+    report, unreadable = _read_report(p, run) if outcome.job_id else (None, False)
+    published = report if report and report.get("launch_id") == run.run_id else None
+    kind = events.PUBLISHED if published is not None else None
     if outcome.succeeded or published is not None:
-        cleanup_at, guessed, alert = _cleanup_after(p, state, published)
-    if published is not None:
+        cleanup_at, guessed, alert = _cleanup_after(p, state, report, unreadable)
+    if published is not None and not outcome.succeeded:
         record["published"] = "yes"
         due = f"; the erasure cleanup run starts at {_iso(cleanup_at)}" if cleanup_at else ""
         alert = alert or _alert(f"run {run.run_id} published, then ended {outcome.state}", run, outcome.state,
@@ -316,27 +322,55 @@ def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
                                 f"after publishing is done again by the next run{due}")  # fmt: skip
     elif not outcome.succeeded:
         gave_up = state.failures + 1 >= s.max_attempts
+        kind = events.GAVE_UP if gave_up else events.FAILED
         if gave_up:
             given_up_on = {"artifacts": s.artifacts_version, **_inputs_sha(p)}
         delay_min = retry_delay_s(s.retry_base_seconds, state.failures) // 60
         then = GAVE_UP + _cleanup_left(state) if gave_up else f"retrying in {delay_min} minutes"
         if gave_up or not run.cancel_requested_at:  # a cancelled run was alerted as the cancel was requested
             alert = _alert(f"run {run.run_id} ended {outcome.state}", run, outcome.state, f"{outcome.detail}; {then}")
+    event = kind and events.build(kind, s.stage, s.bucket, s.results_prefix, run.run_id, run.attempt, outcome.state,
+                                  outcome.detail, published, used)  # fmt: skip
     try:
         p.state.settle(state, outcome.succeeded or published is not None, record, alert, s.retry_base_seconds,
-                       s.max_attempts, given_up_on, cleanup_at, guessed)  # fmt: skip
+                       s.max_attempts, given_up_on, cleanup_at, guessed, event or None)  # fmt: skip
     except Conflict:
         logger.info("run already settled by another invocation", extra={"run_id": run.run_id})
         return
     count("RunsSucceeded" if outcome.succeeded else "RunsFailed")
-    if published is not None:
+    if published is not None and not outcome.succeeded:
         count("RunsFailedAfterPublishing")
+    _run_metrics(run, published, p.state.clock())
     if outcome.usage is None and outcome.job_id:
         used = _usage_after_settle(p, run, outcome.job_id)
     costs.emit(used)
-    logger.info("run settled", extra={**record, **costs.as_strings(used), "cleanup_at": cleanup_at})
-    if alert:
-        flush_alert(p, p.state.read())
+    logger.info("run settled", extra={**record, **costs.as_strings(used), "cleanup_at": cleanup_at,
+                                      "event": kind})  # fmt: skip
+    flush(p, p.state.read())
+
+
+# Per settled run, for the dashboard: its length, and what it did when it published (report.json's counts)
+RUN_METRICS = {"images_total": "ImagesTotal", "images_featurized": "ImagesFeaturized",
+               "images_failed_this_run": "ImagesFailed", "images_removed": "ImagesRemoved"}  # fmt: skip
+
+
+def _run_metrics(run: Run, published: Optional[dict], now: float) -> None:
+    measure("RunDurationSeconds", round(now - (run.started_at or run.claimed_at), 1), MetricUnit.Seconds)
+    for field, metric in RUN_METRICS.items():
+        if published is not None and published.get(field) is not None:
+            count(metric, int(published[field]), always=True)
+
+
+def _read_report(p: Pipeline, run: Run) -> tuple:
+    """(the published report or None, whether it could not be read). Unreadable: a failed run settles as failed, as
+    before report.json recorded launch ids; a successful one guesses its cleanup (_cleanup_after)."""
+    s = p.settings
+    try:
+        return published_report(p.s3, s.bucket, s.results_prefix), False
+    except Exception:
+        logger.exception("the published report could not be read as the run settled", extra={"run_id": run.run_id})
+        count("ReportUnreadableAtSettle")
+        return None, True
 
 
 def _usage_after_settle(p: Pipeline, run: Run, job_id: str) -> dict:
@@ -354,19 +388,6 @@ def _usage_after_settle(p: Pipeline, run: Run, job_id: str) -> dict:
         return {}
 
 
-def _published_by(p: Pipeline, run: Run) -> Optional[dict]:
-    """The published report if this run published it (report.json records the launch id), else None. Unreadable:
-    None, and the run settles as failed, as before report.json recorded launch ids."""
-    s = p.settings
-    try:
-        report = published_report(p.s3, s.bucket, s.results_prefix)
-    except Exception:
-        logger.exception("the published report could not be read as a failed run settled", extra={"run_id": run.run_id})
-        count("ReportUnreadableAtSettle")
-        return None
-    return report if report and report.get("launch_id") == run.run_id else None
-
-
 def _cleanup_left(state: State) -> str:
     """What the give-up alert adds when the erasure bound is at stake."""
     if state.cleanup_pending:
@@ -381,15 +402,15 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds")
 
 
-def _cleanup_after(p: Pipeline, state: State, report: Optional[dict] = None) -> tuple:
+def _cleanup_after(p: Pipeline, state: State, report: Optional[dict], unreadable: bool) -> tuple:
     """(cleanup_at, guessed, alert) as a run succeeds (or published): when the next run must start so that the files
-    of superseded snapshots go (the published report's maintenance.cleanup_due_at), or None. report: the published
-    one, when read already. A report that cannot be read never fails the settle: a cleanup run is guessed
-    CLEANUP_GUESS_S later; if that run cannot read it either, guessing stops (else one run per guess, forever) and a
-    person is told."""
+    of superseded snapshots go (the published report's maintenance.cleanup_due_at), or None. A report that cannot be
+    read (or parsed) never fails the settle: a cleanup run is guessed CLEANUP_GUESS_S later; if that run cannot read it
+    either, guessing stops (else one run per guess, forever) and a person is told."""
     s, run = p.settings, state.run
     try:
-        report = report or published_report(p.s3, s.bucket, s.results_prefix)
+        if unreadable:
+            raise ValueError("report.json could not be read")
         due = ((report or {}).get("maintenance") or {}).get("cleanup_due_at")
         due = _epoch(due) if due else None
         if due is not None and due <= (run.started_at or run.claimed_at):
@@ -427,6 +448,33 @@ def _inputs_sha(p: Pipeline) -> dict:
 def _alert(subject: str, run: Run, state: str, detail: str) -> dict:
     return {"id": uuid.uuid4().hex[:12], "subject": subject[:100], "run_id": run.run_id, "state": state,
             "attempt": run.attempt, "detail": detail[:1000]}  # fmt: skip
+
+
+def flush(p: Pipeline, state: State) -> None:
+    """The outbox: the pending alert and events, each removed once sent; what fails waits for the next invocation."""
+    flush_alert(p, state)
+    flush_events(p, state)
+
+
+def flush_events(p: Pipeline, state: State) -> None:
+    """Put the pending events on the default bus (at least once: an answer lost after PutEvents puts it again, with
+    the same detail id), then forget each one EventBridge took."""
+    names = sorted(state.outbox)
+    for start in range(0, len(names), events.PUT_EVENTS_MAX):
+        batch = names[start : start + events.PUT_EVENTS_MAX]
+        try:
+            answer = p.events.put_events(Entries=[events.entry(state.outbox[name]) for name in batch])
+        except Exception:
+            logger.exception("events not put; kept for the next invocation")
+            count("EventsUnsent", len(batch))
+            return
+        for name, result in zip(batch, answer.get("Entries", [])):
+            if result.get("EventId"):
+                p.state.clear_event(name)
+                count("EventsPut")
+            else:  # a per-entry failure (throttled, internal): kept
+                logger.warning("event not put; kept", extra={"error": result.get("ErrorCode")})
+                count("EventsUnsent")
 
 
 def flush_alert(p: Pipeline, state: State) -> None:

@@ -13,14 +13,15 @@ tracer = Tracer()
 metrics = Metrics()
 
 
-def count(name: str, value: int = 1) -> None:
-    if value:
+def count(name: str, value: int = 1, always: bool = False) -> None:
+    """always: a zero is a data point too (images per run), not the absence of an event."""
+    if value or always:
         metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
 
 
-def measure(name: str, value: float) -> None:
-    """A figure that is not a count (hours, dollars): CloudWatch has no unit for them."""
-    metrics.add_metric(name=name, unit=MetricUnit.NoUnit, value=value)
+def measure(name: str, value: float, unit: MetricUnit = MetricUnit.NoUnit) -> None:
+    """A figure that is not a count (hours, dollars: CloudWatch has no unit for them; seconds)."""
+    metrics.add_metric(name=name, unit=unit, value=value)
 
 
 def digest(text: str) -> str:

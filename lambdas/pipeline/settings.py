@@ -38,6 +38,7 @@ ENV_VARS: dict = {
     "EMR_SERVICE_ROLE": "",
     "EMR_INSTANCE_PROFILE": "",
     "RUN_NAME_PREFIX": "image-features",
+    "STAGE": "",  # the deployment's name (dev, prod), in the events a downstream job routes on
     "GLUE_DATABASE": "",
     # USD per vCPU-hour and per GB-hour of memory of EMR Serverless, to estimate each run's cost; empty: no estimate.
     "PRICE_VCPU_HOUR": "",
@@ -86,6 +87,7 @@ class Settings:
     emr_service_role: str
     emr_instance_profile: str
     run_name_prefix: str
+    stage: str
     glue_database: str
     price_vcpu_hour: Optional[float]
     price_gb_hour: Optional[float]
@@ -199,6 +201,7 @@ def load(environ: Mapping[str, str] = os.environ) -> Settings:
         emr_service_role=raw["EMR_SERVICE_ROLE"],
         emr_instance_profile=raw["EMR_INSTANCE_PROFILE"],
         run_name_prefix=raw["RUN_NAME_PREFIX"],
+        stage=raw["STAGE"],
         glue_database=raw["GLUE_DATABASE"],
         price_vcpu_hour=prices[0],
         price_gb_hour=prices[1],

@@ -19,6 +19,8 @@ times, never an object key.
                      published report's maintenance.cleanup_due_at; cleanup_guessed: that time is a guess, the
                      report could not be read
   cleanup_pending    a cleanup came due and no run has succeeded since (its run failed: the give-up alert says so)
+  outbox_<event id>  an EventBridge event not yet put (outbox, like alert: put, then removed), written by the settle
+                     that claimed the run, so each settled run has one event, kept through a failed PutEvents
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from botocore.exceptions import ClientError
 
 ITEM_ID = "pipeline"
 ALERTED = "alerted_"  # run.alerted_<incident>: that incident was alerted once
+OUTBOX = "outbox_"  # outbox_<event id>: an event to put on the bus
 CLOCK_SKEW_S = 60  # margin between S3's event times and ours when deciding a change was already visible
 
 
@@ -70,6 +73,7 @@ class State:
     cleanup_at: Optional[float] = None
     cleanup_guessed: bool = False
     cleanup_pending: bool = False
+    outbox: dict = field(default_factory=dict)  # attribute name -> the event (JSON text)
 
     @property
     def dirty(self) -> bool:
@@ -99,12 +103,9 @@ class PipelineState:
         self.db, self.table, self.clock = dynamodb, table, clock
 
     def _update(self, expression: str, values: dict, condition: Optional[str] = None, names: Optional[dict] = None):
-        args = {
-            "TableName": self.table,
-            "Key": {"id": _s(ITEM_ID)},
-            "UpdateExpression": expression,
-            "ExpressionAttributeValues": values,
-        }
+        args = {"TableName": self.table, "Key": {"id": _s(ITEM_ID)}, "UpdateExpression": expression}
+        if values:  # DynamoDB refuses an empty map
+            args["ExpressionAttributeValues"] = values
         if condition:
             args["ConditionExpression"] = condition
         if names:
@@ -148,6 +149,7 @@ class PipelineState:
             cleanup_at=_num(item, "cleanup_at"),
             cleanup_guessed=item.get("cleanup_guessed", {}).get("BOOL", False),
             cleanup_pending=item.get("cleanup_pending", {}).get("BOOL", False),
+            outbox={name: value["S"] for name, value in item.items() if name.startswith(OUTBOX)},
         )
 
     # --- changes -------------------------------------------------------------------------------------
@@ -255,10 +257,11 @@ class PipelineState:
 
     def settle(self, seen: State, succeeded: bool, outcome: dict, alert: Optional[dict], retry_base_s: int,
                max_attempts: int, given_up_on: Optional[dict] = None, cleanup_at: Optional[float] = None,
-               cleanup_guessed: bool = False) -> None:  # fmt: skip
+               cleanup_guessed: bool = False, event: Optional[tuple] = None) -> None:  # fmt: skip
         """End the active run, once: the condition on its run_id makes a retried invocation a Conflict.
         given_up_on: what the run had (digests only), kept if this failure gives up. cleanup_at (and whether it is
-        a guess): when the next run must start for the published run's erasure cleanup; a success replaces it."""
+        a guess): when the next run must start for the published run's erasure cleanup; a success replaces it.
+        event: (id, JSON text) for the outbox, in the same write: one event per settled run."""
         run, now = seen.run, self.clock()
         values = {":id": _s(run.run_id), ":last": _strings({**outcome, "ended_at": int(now)})}
         sets, removes = ["last_run = :last"], ["#run"]
@@ -293,8 +296,12 @@ class PipelineState:
         if alert:
             sets.append("alert = :alert")
             values[":alert"] = _strings(alert)
+        names = {"#run": "run"}
+        if event:
+            sets.append("#event = :event")
+            names["#event"], values[":event"] = OUTBOX + event[0], _s(event[1])
         expression = f"SET {', '.join(sets)} REMOVE {', '.join(removes)}"
-        self._update(expression, values, condition="#run.run_id = :id", names={"#run": "run"})
+        self._update(expression, values, condition="#run.run_id = :id", names=names)
 
     def record_usage(self, run_id: str, figures: dict) -> None:
         """Add what a settled run used to its last_run. Conflict: another run has settled since."""
@@ -302,6 +309,11 @@ class PipelineState:
         values = {f":f{i}": _s(str(value)) for i, value in enumerate(figures.values())}
         sets = ", ".join(f"last_run.{name} = {name.replace('#', ':')}" for name in names)
         self._update(f"SET {sets}", {**values, ":id": _s(run_id)}, condition="last_run.run_id = :id", names=names)
+
+    def clear_event(self, name: str) -> None:
+        """An event was put: out of the outbox (absent already: another invocation put it too, at least once)."""
+        with contextlib.suppress(Conflict):
+            self._update("REMOVE #event", {}, condition="attribute_exists(#event)", names={"#event": name})
 
     def clear_alert(self, alert_id: str) -> None:
         # Conflict: a newer alert replaced it, or another invocation sent and removed it already.

@@ -25,4 +25,5 @@ def build_pipeline(settings: Settings) -> Pipeline:
         sqs=client("sqs"),
         sns=client("sns"),
         s3=s3_client(CLIENT_CONFIG),  # the daily pass lists images/ and reads report.json
+        events=client("events"),  # Results Published, Run Failed, Pipeline Gave Up on the default bus
     )

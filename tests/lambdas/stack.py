@@ -30,6 +30,12 @@ def create_stack() -> SimpleNamespace:
     emrs = boto3.client("emr-serverless", region_name=REGION)
     app_id = emrs.create_application(name="features", releaseLabel="emr-7.10.0", type="SPARK")["applicationId"]
     boto3.client("glue", region_name=REGION).create_database(DatabaseInput={"Name": "image_features_dev"})
+    # A downstream job's rule on the default bus: this application's events into a queue the tests read
+    downstream = sqs.create_queue(QueueName="downstream-inbox")["QueueUrl"]
+    downstream_arn = sqs.get_queue_attributes(QueueUrl=downstream, AttributeNames=["QueueArn"])["Attributes"]
+    bridge = boto3.client("events", region_name=REGION)
+    bridge.put_rule(Name="downstream", EventPattern='{"source": ["image-features"]}')
+    bridge.put_targets(Rule="downstream", Targets=[{"Id": "inbox", "Arn": downstream_arn["QueueArn"]}])
     env = {
         "BUCKET": BUCKET,
         "TABLE_NAME": "runs",
@@ -46,6 +52,7 @@ def create_stack() -> SimpleNamespace:
         "RETRY_BASE_SECONDS": "300",
         "MAX_WAIT_SECONDS": "900",
         "GLUE_DATABASE": "image_features_dev",
+        "STAGE": "dev",
         # As the JobArtifacts custom resource returns them: one content-keyed folder per deployed version.
         "ARTIFACTS_VERSION": "0123456789abcdef",
         "JOB_ENTRY_URI": f"s3://{BUCKET}/artifacts/job/0123456789abcdef/main.py",
@@ -59,7 +66,7 @@ def create_stack() -> SimpleNamespace:
     }
     return SimpleNamespace(
         s3=s3, ddb=ddb, sqs=sqs, sns=sns, emrs=emrs, emr=boto3.client("emr", region_name=REGION),
-        app_id=app_id, queue=queue, dlq=dlq, alerts=alerts, env=env,
+        app_id=app_id, queue=queue, dlq=dlq, alerts=alerts, env=env, downstream=downstream,
     )  # fmt: skip
 
 

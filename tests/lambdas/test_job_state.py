@@ -1139,3 +1139,114 @@ def test_missing_configuration_names_the_variable(aws):
     # No prices: no estimate, and the job is not given any (it has defaults of its own)
     unpriced = load_settings({**aws.env, "PRICE_VCPU_HOUR": "", "PRICE_GB_HOUR": ""})
     assert unpriced.price_vcpu_hour is None and "--price-vcpu-hour" not in unpriced.job_arguments("run-x")
+
+
+# --- events for what comes next: one per settled run, on the default bus, through the outbox -----------------
+def delivered(aws) -> list:
+    """What a downstream rule on the default bus received: (detail-type, detail)."""
+    got = []
+    while batch := aws.sqs.receive_message(QueueUrl=aws.downstream, MaxNumberOfMessages=10).get("Messages", []):
+        for message in batch:
+            event = json.loads(message["Body"])
+            assert event["source"] == "image-features"
+            got.append((event["detail-type"], event["detail"]))
+            aws.sqs.delete_message(QueueUrl=aws.downstream, ReceiptHandle=message["ReceiptHandle"])
+    return got
+
+
+def publish_as_the_run(aws, **maintenance) -> dict:
+    """The active run publishes report.json, naming its launch as the job does."""
+    report = {**publish(aws, **maintenance), "launch_id": active_run_id(aws), "k": 3, "images_total": 2,
+              "images_ok": 2, "images_failed": 0, "images_featurized": 2, "images_removed": 0,
+              "html": "runs/20261125T000000Z-0000beef/report.html",
+              "resources": {"vcpu_seconds": 36.0, "gb_seconds": 72.0, "estimated_usd": 0.0005},
+              "commit": {"tables": {"features": f"s3://{BUCKET}/results/tables/features/metadata/00001-a.metadata.json"}},
+              "failures": ["images/A/secret name.jpg"]}  # fmt: skip
+    aws.s3.put_object(Bucket=BUCKET, Key="results/report.json", Body=json.dumps(report).encode())
+    return report
+
+
+def test_a_published_run_puts_one_event_whatever_settles_it_how_often(aws, trigger, job_state, clock, lambda_context):
+    # Given a run that published
+    put_image(aws)
+    upload(trigger, clock, lambda_context)
+    run_id, job = active_run_id(aws), active_job(aws)
+    publish_as_the_run(aws)
+
+    # When its end event comes twice, late, and the reconciler asks EMR too (moto reports SUCCESS)
+    success = serverless_state(job, aws.app_id, "SUCCESS")
+    job_state.lambda_handler(success, lambda_context)
+    job_state.lambda_handler(success, lambda_context)
+    reconcile(job_state, lambda_context)
+    clock.advance(3600)
+    job_state.lambda_handler(success, lambda_context)
+
+    # Then the default bus got one Results Published event, with what a downstream job needs and no object key
+    [(kind, detail)] = delivered(aws)
+    assert kind == "Results Published" and detail["id"] == f"{run_id}:published" and detail["run_id"] == run_id
+    assert detail["stage"] == "dev" and detail["k"] == 3 and detail["counts"]["images_ok"] == 2
+    assert detail["report"] == f"s3://{BUCKET}/results/report.json"
+    assert detail["tables"]["features"].endswith("metadata.json") and detail["cost"]["estimated_usd"] == 0.0005
+    assert "images/" not in json.dumps(detail)
+    assert not any(name.startswith("outbox_") for name in state_item(aws))
+
+
+def test_an_event_survives_a_failed_put_and_goes_at_the_next_invocation(aws, trigger, job_state, clock,
+                                                                        lambda_context):  # fmt: skip
+    # Given a run that published, and EventBridge failing as it settles
+    put_image(aws)
+    upload(trigger, clock, lambda_context)
+    publish_as_the_run(aws)
+    put_events = job_state.PIPELINE.events.put_events
+
+    def down(**kwargs):
+        raise ClientError({"Error": {"Code": "InternalException", "Message": "unavailable"}}, "PutEvents")
+
+    aws.monkeypatch.setattr(job_state.PIPELINE.events, "put_events", down)
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "SUCCESS"), lambda_context)
+
+    # Then the event waits in the state item's outbox, delivered nowhere yet
+    assert delivered(aws) == [] and [n for n in state_item(aws) if n.startswith("outbox_")]
+
+    # When EventBridge answers again: a per-entry failure keeps it too, then the next pass puts it, once
+    aws.monkeypatch.setattr(job_state.PIPELINE.events, "put_events", lambda **kw: {
+        "FailedEntryCount": 1, "Entries": [{"ErrorCode": "ThrottlingException"}]})  # fmt: skip
+    reconcile(job_state, lambda_context)
+    assert [n for n in state_item(aws) if n.startswith("outbox_")]
+    aws.monkeypatch.setattr(job_state.PIPELINE.events, "put_events", put_events)
+    reconcile(job_state, lambda_context)
+    reconcile(job_state, lambda_context)
+    assert [kind for kind, _ in delivered(aws)] == ["Results Published"]
+    assert not [n for n in state_item(aws) if n.startswith("outbox_")]
+
+
+def test_failures_put_run_failed_then_pipeline_gave_up_and_a_cleanup_that_publishes_nothing_puts_none(
+    aws, trigger, job_state, clock, lambda_context
+):
+    from tests.lambdas.conftest import iso
+
+    # Given a run that published and asked for a cleanup run
+    put_image(aws)
+    upload(trigger, clock, lambda_context)
+    due = clock.now + 1800
+    publish_as_the_run(aws, cleanup_due_at=iso(due))
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "SUCCESS"), lambda_context)
+    assert [kind for kind, _ in delivered(aws)] == ["Results Published"]
+
+    # When the cleanup run publishes nothing (report.json still names the earlier launch)
+    clock.advance(1800 + 60)
+    reconcile(job_state, lambda_context)
+    succeed_with_report(aws, job_state, lambda_context, cleanup_due_at=None)
+
+    # Then no event; and when the next runs fail (MAX_ATTEMPTS=2): Run Failed, then Pipeline Gave Up
+    assert delivered(aws) == []
+    clock.advance(300)
+    upload(trigger, clock, lambda_context, "images/A/2.jpg")
+    failed_id = active_run_id(aws)
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+    clock.advance(301)
+    reconcile(job_state, lambda_context)
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+    [(first, failed), (second, gave_up)] = delivered(aws)
+    assert (first, second) == ("Run Failed", "Pipeline Gave Up")
+    assert failed["id"] == f"{failed_id}:failed" and "counts" not in failed and gave_up["attempt"] == 2

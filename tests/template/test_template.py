@@ -319,7 +319,7 @@ def test_cloudwatch_alarms_can_publish_to_the_alert_topic(kms):
 # The AWS calls each function's code makes (boto3 and Powertools), per engine.
 # (s3:ListBucket: the digest of images/, lambdas/pipeline/inputs.py)
 COMMON = {"dynamodb:GetItem", "dynamodb:UpdateItem", "kms:Decrypt", "kms:GenerateDataKey", "iam:PassRole",
-          "sns:Publish", "s3:ListBucket"}  # fmt: skip
+          "sns:Publish", "s3:ListBucket", "events:PutEvents"}  # fmt: skip
 START = {
     "serverless": {"emr-serverless:StartJobRun", "emr-serverless:TagResource", "emr-serverless:GetJobRun",
                    "emr-serverless:ListJobRuns"},
