@@ -21,7 +21,8 @@ IMAGE_FEATURES ?= $(SAM_VENV)/bin/image-features
 export SAM_CLI_TELEMETRY := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup sam-setup scan-setup run sample test bench lint invoke demo demo-up package weights preflight deploy clean
+.PHONY: setup sam-setup scan-setup run sample test bench lint invoke demo demo-up package weights preflight deploy status \
+  logs clean
 
 setup: $(VENV)/.installed $(VENV)/bin/image-features
 $(VENV)/.installed: requirements-dev.txt emr_job/requirements.txt lambdas/requirements.txt constraints.txt
@@ -101,6 +102,14 @@ deploy: sam-setup preflight
 	$(SAM) build
 	$(SAM) deploy --config-env $(STACK_ENV) $(if $(strip $(OVERRIDES)),--parameter-overrides \
 	  "$$($(SAM_VENV)/bin/python emr_job/package.py overrides --config-env $(STACK_ENV)) $(OVERRIDES)")
+
+# The operator's view of the STACK_ENV stack: what the pipeline does now (ARGS="--json", "--url"), and its logs.
+# From .venv-sam, like preflight: boto3 and PyYAML are all they need.
+status: sam-setup
+	$(IMAGE_FEATURES) status --config-env $(STACK_ENV) $(ARGS)
+
+logs: sam-setup
+	$(IMAGE_FEATURES) logs --config-env $(STACK_ENV) $(ARGS)
 
 clean:
 	rm -rf out dist .aws-sam .pytest_cache bench-out

@@ -15,7 +15,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError
 
-from ops import preflight
+from ops import logs, preflight, status
 
 LABELS = {"ok": "ok", "warn": "warn", "fail": "FAIL"}
 # A preflight should answer in seconds, also when an endpoint does not: short timeouts, one retry.
@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--sam", metavar="PATH", help=f"the SAM CLI to check (default: `sam` on PATH, else "
                        f"{preflight.LOCAL_SAM}); make deploy passes the one it runs")  # fmt: skip
     check.add_argument("--json", action="store_true", help="print the checks as a JSON list, for scripts")
+    logs.add_parser(commands)
+    status.add_parser(commands)
     return main
 
 
@@ -84,6 +86,8 @@ def main(argv=None, *, clients=None, probes=None) -> int:
     args = parser().parse_args(argv)
     if args.command == "preflight":
         return run_preflight(args, clients, probes)
+    if getattr(args, "run", None):
+        return args.run(args)
     return 2
 
 

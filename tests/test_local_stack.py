@@ -42,7 +42,9 @@ def report(stack) -> dict:
     return json.loads(stack.client("s3").get_object(Bucket=stack.bucket, Key="results/report.json")["Body"].read())
 
 
-def test_uploads_become_results_erasures_take_effect_failures_retry_and_lost_events_are_repaired(stack, tmp_path):
+def test_uploads_become_results_erasures_take_effect_failures_retry_and_lost_events_are_repaired(
+    stack, tmp_path, capsys
+):
     s3, bucket = stack.client("s3"), stack.bucket
     key = lambda p: "images/" + os.path.relpath(p, tmp_path / "src")  # noqa: E731
 
@@ -55,6 +57,9 @@ def test_uploads_become_results_erasures_take_effect_failures_retry_and_lost_eve
     assert first["state"] == "SUCCESS"
     assert (report(stack)["images_ok"], report(stack)["images_failed"]) == (4, 1)
     assert sorted(results(stack, "features")) == sorted(f"s3://{bucket}/{key(p)}" for p in paths)
+    shown = status(stack, capsys)
+    assert (shown["pipeline"]["state"], shown["last_run"]["outcome"], shown["errors"]) == ("idle", "SUCCESS", [])
+    assert shown["last_run"]["results"]["images"]["ok"] == 4 and shown["last_run"]["results"]["of_last_run"]
 
     # Two images erased, three added; the end event of that run is lost: the schedule's reconciliation settles it
     stack.drop_end_event_of.update({"*"})
@@ -106,6 +111,16 @@ def test_uploads_become_results_erasures_take_effect_failures_retry_and_lost_eve
 
     other = job_state_event("another-application", JobRun("j-1", "x", {}, 5, ""), "FAILED", "RUNNING", "")
     assert stack.emit(other) == 0
+
+
+def status(stack, capsys) -> dict:
+    """`image-features status --config-env local --json`, as an operator runs it against the local stack."""
+    from ops.cli import main
+
+    capsys.readouterr()
+    with stack._lock:  # no function runs meanwhile: an invocation redirects stdout to the functions' log
+        assert main(["status", "--config-env", "local", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
 
 
 def wait_for_job_end(stack, timeout=300):

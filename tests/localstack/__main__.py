@@ -112,6 +112,43 @@ def show_results(stack) -> dict:
     return report
 
 
+def show_status(stack, when: str) -> None:
+    """The operator's screen, as `image-features status --config-env local` prints it against this stack."""
+    from ops import stack as stacks
+    from ops import status
+    from tests.localstack.template import REGION
+
+    record = stacks.describe(stack.client("cloudformation"), stack.stack_name, REGION)
+    screen = status.render(status.gather(record, stack.client, time.time()))
+    say(f"{when}: image-features status --config-env local")
+    print("\n".join("    " + line for line in screen.splitlines()), file=sys.__stdout__, flush=True)
+
+
+def status_during_run(stack, watcher, timeout: float = 300) -> None:
+    """Show the status once the run's job reports featurizing (or has run 40 s without), as a person would look in."""
+    deadline, running_since = time.time() + timeout, None
+    while time.time() < deadline:
+        run = watcher.poll().get("run") or {}
+        job = stack.jobs.get(run.get("job_id", ""))
+        if (watcher.last.get("last_run") or {}).get("run_id") and not run:
+            return  # it ended before it reported anything
+        if job is not None and job.state == "RUNNING":
+            running_since = running_since or time.time()
+            progress = _progress(stack, run["run_id"])
+            if progress.get("stage", "plan") != "plan" or time.time() - running_since > 40:
+                show_status(stack, "during the run")
+                return
+        time.sleep(1)
+
+
+def _progress(stack, run_id: str) -> dict:
+    """What the run's job last reported (results/progress/<run id>.json), {} before it has."""
+    with contextlib.suppress(Exception):
+        body = stack.client("s3").get_object(Bucket=stack.bucket, Key=f"results/progress/{run_id}.json")["Body"]
+        return json.loads(body.read())
+    return {}
+
+
 def start(config_env: str, weights: str | None):
     from tests.localstack.stack import LocalStack
 
@@ -134,6 +171,7 @@ def demo(args) -> int:
         tree = Path(tempfile.mkdtemp(prefix="demo-images-"))
         files = make_tree(str(tree), per_label=args.per_label)
         say(f"uploading {upload_tree(stack, tree)} files to s3://{stack.bucket}/images/ ({files} made)")
+        status_during_run(stack, watcher)
         first = watcher.wait_for_settled(None)
         show_results(stack)
 
@@ -149,6 +187,7 @@ def demo(args) -> int:
         report = show_results(stack)
         for alert in alerts(stack):
             say(f"alert: {alert['subject']}")
+        show_status(stack, "after the runs")
         say(f"done: {report['images_ok']} images in results/, {report['images_removed']} removed by the last run")
         return 0
     except KeyboardInterrupt:
@@ -169,6 +208,7 @@ def up(args) -> int:
               f"  aws --endpoint-url {stack.endpoint} s3 cp --recursive ~/fruits s3://{stack.bucket}/images/\n"
               f"  aws --endpoint-url {stack.endpoint} s3 rm s3://{stack.bucket}/images/Apple/r_1.jpg\n"
               f"  aws --endpoint-url {stack.endpoint} s3 cp s3://{stack.bucket}/results/report.json -\n"
+              f"  AWS_ENDPOINT_URL={stack.endpoint} make status STACK_ENV=local    # what the pipeline does now\n"
               "Ctrl-C stops everything.", file=sys.__stdout__, flush=True)  # fmt: skip
         watcher = Watcher(stack)
         seen = None

@@ -110,6 +110,7 @@ class LocalStack:
         self._serve_responses()
         self._deployer_uploads()
         self._create_resources()
+        self._record_stack()
         return self
 
     def _deployer_uploads(self) -> None:
@@ -222,6 +223,21 @@ class LocalStack:
         self.bucket = t.values["DataBucket"]
         self.outputs = {name: t.value(o["Value"]) for name, o in t.doc["Outputs"].items()
                         if not o.get("Condition") or t.conditions[o["Condition"]]}  # fmt: skip
+
+    def _record_stack(self) -> None:
+        """The stack's record, as CloudFormation keeps it after `sam deploy`: DescribeStacks answers with the deployed
+        parameters and outputs, so the operator's commands (image-features status --config-env local) find this stack
+        as they find a deployed one. Its one resource, a wait condition handle, creates nothing."""
+        import warnings
+
+        t = self.template
+        self.stack_name = t.values["AWS::StackName"]
+        body = {"Parameters": {name: {"Type": "String", "Default": value} for name, value in t.parameters.items()},
+                "Resources": {"Record": {"Type": "AWS::CloudFormation::WaitConditionHandle"}},
+                "Outputs": {name: {"Value": str(value)} for name, value in self.outputs.items()}}  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # moto: "not supported by moto's CloudFormation" (nothing to create)
+            self.client("cloudformation").create_stack(StackName=self.stack_name, TemplateBody=json.dumps(body))
 
     def _function(self, logical: str, props: dict) -> None:
         t = self.template
@@ -597,6 +613,13 @@ def _alarm(stack, logical, props):
                                   "AlarmActions") if k in props}  # fmt: skip
     keep["Dimensions"] = [{"Name": d["Name"], "Value": str(d["Value"])} for d in keep.get("Dimensions", [])]
     stack.client("cloudwatch").put_metric_alarm(AlarmName=logical, **keep)
+    stack.template.values[logical] = logical
+    stack.template.values[f"{logical}.Arn"] = f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:{logical}"
+
+
+def _dashboard(stack, logical, props):
+    stack.client("cloudwatch").put_dashboard(DashboardName=props["DashboardName"], DashboardBody=props["DashboardBody"])
+    stack.template.values[logical] = props["DashboardName"]
 
 
 def _glue_database(stack, logical, props):
@@ -664,6 +687,7 @@ CREATORS = {
     "AWS::SNS::TopicPolicy": _topic_policy,
     "AWS::SNS::Subscription": lambda stack, logical, props: None,  # the topic's inbox stands in for email
     "AWS::CloudWatch::Alarm": _alarm,
+    "AWS::CloudWatch::Dashboard": _dashboard,
     "AWS::Serverless::Function": _function,
     "AWS::Serverless::LayerVersion": _layer,
     "Custom::JobArtifacts": _custom_resource,
