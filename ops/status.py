@@ -13,7 +13,6 @@ import re
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
@@ -22,15 +21,13 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pipeline.settings import ENV_VARS
 from pipeline.state import PipelineState, State
+from pipeline.timing import GAVE_UP, next_start
 
 from ops.preflight import CallFailed, UsageError, call
 from ops.stack import Stack, StackError, add_arguments, describe, explain, resolve
 
 # One screen should answer in seconds, also when an endpoint does not: short timeouts, one retry (as preflight).
 CLIENT_CONFIG = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"})
-# What restarts a pipeline that gave up. control.GAVE_UP says the same (a test keeps them equal); it is not imported
-# because pipeline.control needs Powertools, which the operator's environment (.venv-sam) does not have.
-GAVE_UP = "no more automatic runs until a new upload, a new deployment, or images changed without an event (seen daily)"  # noqa: E501
 RETRY_NOW = "to retry now, upload (or re-upload) any image"
 URL_SECONDS = 3600  # --url: how long the presigned link to report.html works
 AGE_WINDOW_S = 900  # CloudWatch: the oldest message's age, the maximum over the last 15 minutes
@@ -148,35 +145,6 @@ def read_json(s3, bucket: str, key: str) -> Optional[dict]:
             return None
         raise
     return json.loads(body)
-
-
-@dataclass(frozen=True)
-class NextStart:
-    """What control.maybe_start would do now, in its words: active | clean | given-up | backoff | settling | start;
-    at: from when a start is due (None: not without a new change); by: quiet | max-wait | retry | now."""
-
-    reason: str
-    at: Optional[float] = None
-    by: Optional[str] = None
-
-
-def next_start(state: State, quiet_s: int, max_wait_s: int, now: float) -> NextStart:
-    """maybe_start's conditions, solved for the time they first hold (a test checks both agree)."""
-    if state.run is not None:
-        return NextStart("active")
-    if not state.dirty:
-        return NextStart("clean")
-    if state.given_up:
-        return NextStart("given-up")
-    # quiet: no change for quiet_s (no change recorded: quiet already); overdue: waiting for max_wait_s
-    quiet_at = -float("inf") if state.last_change_at is None else state.last_change_at + quiet_s
-    overdue_at = float("inf") if state.first_change_at is None else state.first_change_at + max_wait_s
-    settled_at, by = (quiet_at, "quiet") if quiet_at <= overdue_at else (overdue_at, "max-wait")
-    if now < state.retry_at:
-        return NextStart("backoff", max(state.retry_at, settled_at), "retry" if state.retry_at >= settled_at else by)
-    if now < settled_at:
-        return NextStart("settling", settled_at, by)
-    return NextStart("start", now, "now")
 
 
 def _settings(stack: Stack) -> dict:

@@ -22,13 +22,13 @@ from pipeline.notifications import TICK
 from pipeline.observability import count, digest, logger, measure
 from pipeline.settings import Settings
 from pipeline.state import Conflict, PipelineState, Run, State, retry_delay_s
+from pipeline.timing import GAVE_UP, next_start
 
 STARTING_GRACE_S = 300  # a claim without a job id older than this lost its starter (the function timeout is 120 s)
 # A start that EMR has not confirmed for this long after its claim (about six reconcile passes, each with the SDK's own
 # retries) ends as a failed attempt, once EMR lists no job of the run: an outage past this needs the back-off and
 # a person, and its alert comes within the hour that erasures are promised in.
 START_CONFIRM_S = 1800
-GAVE_UP = "no more automatic runs until a new upload, a new deployment, or images changed without an event (seen daily)"  # noqa: E501
 TIMEOUT_SLACK_S = 900  # EMR stops a run at its timeout; past this too the reconciler cancels it (and alerts again)
 # The published report could not be read as a run succeeded: guess that a cleanup is due this much later. A run then
 # deletes what is due by then and its report says what is left; a sooner due time is late by at most this.
@@ -75,16 +75,9 @@ def maybe_start(p: Pipeline, hurry: bool = False) -> Started:
         if not state.run.job_id and now - state.run.claimed_at > STARTING_GRACE_S:
             return _launch(p, state, state.run)  # its starter died between the claim and the job id
         return Started("active", state.run.run_id)
-    if not state.dirty:
-        return Started("clean")
-    if state.given_up:
-        return Started("given-up")
-    if now < state.retry_at:
-        return Started("backoff")
-    quiet = state.last_change_at is None or now - state.last_change_at >= s.quiet_seconds
-    overdue = state.first_change_at is not None and now - state.first_change_at >= s.max_wait_seconds
-    if not (quiet or overdue or hurry):
-        return Started("settling")
+    due = next_start(state, s.quiet_seconds, s.max_wait_seconds, now)
+    if due.reason != "start" and not (hurry and due.reason == "settling"):
+        return Started(due.reason)  # clean | given-up | backoff | settling
     try:
         run = p.state.claim(state, new_run_id(now))
     except Conflict:

@@ -549,9 +549,3 @@ def test_next_start_agrees_with_control_maybe_start():
         if ours.reason in ("settling", "backoff"):
             assert control_says(state, ours.at - 0.001) != "start" and control_says(state, ours.at) == "start", state
             assert status.next_start(state, 60, 900, ours.at).reason == "start"
-
-
-def test_the_give_up_text_is_the_control_loops():
-    from pipeline import control
-
-    assert status.GAVE_UP == control.GAVE_UP
