@@ -251,10 +251,14 @@ def vcpus(text: str) -> float | None:
 # ---- AWS calls -------------------------------------------------------------------------------------------------
 
 
+IAM_PREFIX = {"monitoring": "cloudwatch"}  # signing names that are not the IAM prefix of their actions
+
+
 def call(client, method: str, **kwargs) -> dict:
     """One read call; any failure becomes CallFailed naming the IAM action (for the services used here, the
     signing name is the IAM prefix: sts, servicequotas, ec2, iam)."""
-    action = f"{client.meta.service_model.signing_name}:{client.meta.method_to_api_mapping[method]}"
+    prefix = IAM_PREFIX.get(client.meta.service_model.signing_name, client.meta.service_model.signing_name)
+    action = f"{prefix}:{client.meta.method_to_api_mapping[method]}"
     try:
         return getattr(client, method)(**kwargs)
     except ClientError as exc:

@@ -31,7 +31,6 @@ CLIENT_CONFIG = Config(connect_timeout=5, read_timeout=10, retries={"max_attempt
 RETRY_NOW = "to retry now, upload (or re-upload) any image"
 URL_SECONDS = 3600  # --url: how long the presigned link to report.html works
 AGE_WINDOW_S = 900  # CloudWatch: the oldest message's age, the maximum over the last 15 minutes
-IAM_PREFIX = {"monitoring": "cloudwatch"}  # signing names that are not the IAM prefix of their actions
 RECONCILE_MINUTES = 5  # template.yaml's ReconcileMinutes default, for a stack that does not say
 QUEUES = (("uploads", "UploadQueueUrl"), ("uploads dead-letter", "DeadLetterQueueUrl"),
           ("job-state dead-letter", "JobStateDeadLetterQueueUrl"))  # fmt: skip
@@ -555,15 +554,7 @@ def _progress_line(p: dict, now: float) -> str:
 # ---- helpers ---------------------------------------------------------------------------------------------------
 
 
-def _call(client, method: str, **kwargs) -> dict:
-    """ops.preflight.call, with the IAM action's own prefix where the signing name differs (CloudWatch)."""
-    try:
-        return call(client, method, **kwargs)
-    except CallFailed as exc:
-        prefix, _, action = exc.action.partition(":")
-        if prefix in IAM_PREFIX:
-            raise CallFailed(f"{IAM_PREFIX[prefix]}:{action}", exc.code, exc.detail) from exc
-        raise
+_call = call  # every read names the IAM action it needs when it fails
 
 
 def _no_link(exc: CallFailed) -> str:
