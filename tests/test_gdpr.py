@@ -61,10 +61,9 @@ def superseded_files() -> set:
     return reached - current
 
 
-def test_an_erased_image_leaves_every_current_file_at_once_and_the_superseded_ones_within_the_hour(
-    moto_server, weights_file, tmp_path, monkeypatch, capfd, lambda_context
-):
-    # Given the stack on a moto server, with versioning as template.yaml sets it, and images including the victim
+def deployed_with_the_victim(moto_server, weights_file, tmp_path, monkeypatch) -> tuple:
+    """(stack, trigger, job-state, [now]): the stack on a moto server, versioned as template.yaml makes it, with
+    images including the victim, and one clock for both functions and the job."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     stack = create_stack()
     stack.s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
@@ -78,6 +77,14 @@ def test_an_erased_image_leaves_every_current_file_at_once_and_the_superseded_on
     now = [job_state.PIPELINE.state.clock()]
     job_state.PIPELINE.state.clock = trigger.PIPELINE.state.clock = lambda: now[0]
     monkeypatch.setattr(job_module, "CLOCK", lambda: now[0])
+    return stack, trigger, job_state, now
+
+
+def test_an_erased_image_leaves_every_current_file_at_once_and_the_superseded_ones_within_the_hour(
+    moto_server, weights_file, tmp_path, monkeypatch, capfd, lambda_context
+):
+    # Given the stack on a moto server, with versioning as template.yaml sets it, and images including the victim
+    stack, trigger, job_state, now = deployed_with_the_victim(moto_server, weights_file, tmp_path, monkeypatch)
 
     def process(event: dict) -> None:
         trigger.lambda_handler(event, lambda_context) if "Records" in event else job_state.lambda_handler(
@@ -165,20 +172,8 @@ def test_a_run_that_fails_after_publishing_on_its_last_attempt_still_gets_its_cl
     from emr_job import catalog, storage
 
     # Given the stack on a moto server (MAX_ATTEMPTS=2), images including the victim, all processed
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
-    stack = create_stack()
-    stack.s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
-    for name, value in stack.env.items():
-        monkeypatch.setenv(name, value)
+    stack, trigger, job_state, now = deployed_with_the_victim(moto_server, weights_file, tmp_path, monkeypatch)
     assert stack.env["MAX_ATTEMPTS"] == "2"
-    stack.s3.upload_file(weights_file, BUCKET, stack.env["WEIGHTS_URI"].split("/", 3)[3])
-    for path in make_tree(str(tmp_path / "src"), labels=("Kiwi", "Apple"), per_label=3):
-        stack.s3.upload_file(path, BUCKET, "images/" + os.path.relpath(path, tmp_path / "src"))
-    stack.s3.put_object(Bucket=BUCKET, Key=VICTIM, Body=encoded(rgb(9), "JPEG"))
-    trigger, job_state = load("trigger.app"), load("job_state.app")
-    now = [job_state.PIPELINE.state.clock()]
-    job_state.PIPELINE.state.clock = trigger.PIPELINE.state.clock = lambda: now[0]
-    monkeypatch.setattr(job_module, "CLOCK", lambda: now[0])
     ended = lambda state: job_state.lambda_handler(  # noqa: E731
         serverless_state(job_state.PIPELINE.state.read().run.job_id, stack.app_id, state), lambda_context
     )
