@@ -39,6 +39,7 @@ from emr_job.pca import (
     rewrite_files,
 )
 from emr_job.plan import Plan, make_plan
+from emr_job.progress import Progress, at_terminal, spark_images
 from emr_job.store import (
     TABLE_NAMES,
     CommitError,
@@ -127,6 +128,7 @@ class RunContext:
     failure_rows: list = field(default_factory=list)  # the failures table as this run publishes it
     run_files: dict = field(default_factory=dict)  # name -> bytes, under runs/<run_id>/
     meter: ResourceMeter = field(default_factory=ResourceMeter)  # vCPU and GB over time, for the run's cost
+    progress: Optional[Progress] = None  # stage and images done, for status and the terminal
 
     def step(self, name: str) -> None:
         if self.fail_at == name:
@@ -137,22 +139,31 @@ def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) 
     """One reconciliation of the output with the input. Returns the published report, or the previous one
     (with "published": False) when nothing changed. session: a function returning the SparkSession, called
     only if there is work for Spark. fail_at: a step name where tests inject a crash."""
-    ctx = plan(cfg, log, session, fail_at)
-    if ctx.results.report is not None and not ctx.plan.changes and not ctx.compact:
-        return idle(ctx)
-    marker = mark_running(ctx.results, ctx.run_id, cfg.launch_id)
+    # A launched run's progress goes where status finds it from the launch id; the run removes it as it ends.
+    progress = Progress(new_run_id(), log, cfg.output, cfg.launch_id, tty=at_terminal(), wall=lambda: CLOCK())
     try:
-        featurize(ctx)
-        commit_features(ctx)
-        fit(ctx)
-        publish(ctx)
-        return clean(ctx)
+        progress.start()
+        ctx = plan(cfg, log, session, fail_at, progress)
+        if ctx.results.report is not None and not ctx.plan.changes and not ctx.compact:
+            return idle(ctx)
+        marker = mark_running(ctx.results, ctx.run_id, cfg.launch_id)
+        try:
+            featurize(ctx)
+            commit_features(ctx)
+            fit(ctx)
+            publish(ctx)
+            return clean(ctx)
+        finally:
+            _unmark(ctx, marker)
     finally:
-        _unmark(ctx, marker)
+        progress.close()
 
 
-def plan(cfg: JobConfig, log, session=None, fail_at: Optional[str] = None) -> RunContext:
-    """List the input, read the published store, and decide what to featurize and what to drop."""
+def plan(cfg: JobConfig, log, session=None, fail_at: Optional[str] = None,
+         progress: Optional[Progress] = None) -> RunContext:  # fmt: skip
+    """List the input, read the published store, and decide what to featurize and what to drop. progress: the
+    run's (it names the run), or a silent one."""
+    progress = progress or Progress(new_run_id(), log=lambda _: None)
     timer, meter = Timer(), ResourceMeter()
     if session and "PYSPARK_GATEWAY_PORT" in os.environ:  # spark-submit made the session already: it is billed
         meter.attach(session())
@@ -166,7 +177,8 @@ def plan(cfg: JobConfig, log, session=None, fail_at: Optional[str] = None) -> Ru
     timer.lap("plan")
     log(f"{made.featurize.num_rows} images to featurize, {made.reused} unchanged in the store, "
         f"{made.removed} removed")  # fmt: skip
-    ctx = RunContext(cfg, log, new_run_id(), timer, results, weights, files, made, session, fail_at, meter=meter)
+    ctx = RunContext(cfg, log, progress.job_run_id, timer, results, weights, files, made, session, fail_at, meter=meter,
+                     progress=progress)  # fmt: skip
     ctx.compact = any(len(f.deleted) for f in files) or (
         sum(f.rows - len(f.deleted) < ROWS_PER_FILE // 4 for f in files) > SMALL_FILES_TO_COMPACT
     )
@@ -178,6 +190,7 @@ def idle(ctx: RunContext) -> dict:
     what nothing reaches any more, and keep report.json's bookkeeping (inputs digest, cleanup time) current."""
     cfg, previous = ctx.cfg, dict(ctx.results.report)
     ctx.log(f"nothing changed since run {previous['run_id']}; no new results")
+    ctx.progress.stage("clean")
     commit = _new_commit(ctx)
     marker = None
     if any(commit.expirable(name) for name in TABLE_NAMES):
@@ -208,6 +221,7 @@ def idle(ctx: RunContext) -> dict:
 def featurize(ctx: RunContext) -> None:
     """Start what the work needs (Spark only past the driver's limits) and run the model over the new images."""
     cfg, made = ctx.cfg, ctx.plan
+    ctx.progress.stage("featurize", total=made.featurize.num_rows)
     featurize_here = made.featurize.num_rows <= cfg.driver_max_images
     tables_here = made.reused + made.featurize.num_rows <= cfg.driver_max_rows  # PCA passes, rewrites
     with ThreadPoolExecutor(1) as pool:
@@ -229,6 +243,7 @@ def featurize(ctx: RunContext) -> None:
 def commit_features(ctx: RunContext) -> None:
     """Stage the features snapshot: new files in; every file holding a row that goes rewritten without it
     (copy-on-write: an erased image leaves the current files in this run); small files merged if due."""
+    ctx.progress.stage("write")
     new_files = [r["path"] for r in ctx.status if r["status"] == FILE]
     drops = {f.path: np.union1d(f.deleted, ctx.plan.deletes.get(f.path, [])).astype(np.int64) for f in ctx.files}
     change = TableChange(added=new_files)
@@ -272,6 +287,7 @@ def rewrite_features(spark, commit: RunCommit, run_id: str, rewrite: list) -> li
 
 def fit(ctx: RunContext) -> None:
     """Refit PCA on every live feature row, stage the pca table, and assemble the run's report."""
+    ctx.progress.stage("pca")
     cfg, made = ctx.cfg, ctx.plan
     new_failures = [r for r in ctx.status if r["status"] == FAILED]
     featurized = sum(r["count"] for r in ctx.status if r["status"] == FILE)
@@ -323,6 +339,7 @@ def fit(ctx: RunContext) -> None:
 
 def publish(ctx: RunContext) -> None:
     """Stage the failures, write the run's folder, and swap report.json: every table at once, or nothing."""
+    ctx.progress.stage("publish")
     commit, rpt = ctx.commit, ctx.report
     failures_files = []
     if ctx.failure_rows:  # an empty table has no data file at all
@@ -356,6 +373,7 @@ def publish(ctx: RunContext) -> None:
 
 def clean(ctx: RunContext) -> dict:
     """After the swap: delete what the published state no longer reaches, and bring the Glue tables along."""
+    ctx.progress.stage("clean")
     ctx.report["maintenance"]["orphans_removed"], failed = _remove_orphans(ctx)
     return _after_swap(ctx, {**ctx.report, "published": True}, failed)
 
@@ -465,23 +483,56 @@ def _local_session():
     return spark_session()
 
 
-def _map(spark, rows: list, schema: pa.Schema, body, slices: Optional[int] = None) -> list:
+def _map(spark, rows: list, schema: pa.Schema, body, slices: Optional[int] = None,
+         progress: Optional[Progress] = None, ahead: int = 0) -> list:  # fmt: skip
     """Apply a task body (RecordBatches of rows in, RecordBatches out) to rows (dicts): in `slices` Spark tasks
     (default one per core, at most one per row), each dealt an even share of the rows; or here in the
-    driver, as one task, when spark is None. Returns the body's output rows as dicts.
+    driver, as one task, when spark is None. Returns the body's output rows as dicts. progress: counts the
+    rows done, from the Spark tasks completed, or from the rows the driver's task has taken (less `ahead`).
 
     Through the RDD API, not DataFrames: the rows are a few KB, and the first DataFrame job of a session costs
     about 5 s of JVM planning and warm-up (createDataFrame, a shuffle to repartition, mapInArrow) where this
     costs 1.5 (docs/PERFORMANCE.md, "The change: Spark's tasks through the RDD API")."""
     if spark is None:
-        outs = list(body(iter([pa.RecordBatch.from_pylist(rows, schema=schema)])))
+        if progress is None:
+            outs = list(body(iter([pa.RecordBatch.from_pylist(rows, schema=schema)])))
+        else:
+            outs = list(body(_counted(rows, schema, progress, ahead)))
     else:
         n = max(1, min(len(rows), slices or spark.sparkContext.defaultParallelism))
         # Dealt round-robin: costs follow the folders (a label of large PNGs), so contiguous slices are uneven.
         parts = [pa.RecordBatch.from_pylist(rows[i::n], schema=schema) for i in range(n)]
         # One element per slice: parallelize() then gives each task exactly one part.
-        outs = spark.sparkContext.parallelize(parts, n).mapPartitions(body).collect()
+        mapped = spark.sparkContext.parallelize(parts, n).mapPartitions(body)
+        if progress is None:
+            outs = mapped.collect()
+        else:
+            outs = _collect_following(spark.sparkContext, mapped, progress, len(rows))
     return [row for out in outs for row in out.to_pylist()]
+
+
+def _counted(rows: list, schema: pa.Schema, progress: Progress, ahead: int):
+    """The driver's one task, fed its rows in about 100 batches: the rows it has taken, less the `ahead` it reads
+    before they are done, are its progress."""
+    step, taken = max(1, len(rows) // 100), 0
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        yield pa.RecordBatch.from_pylist(part, schema=schema)
+        taken += len(part)  # the task asked for more: it has taken these
+        progress.reach(taken - ahead)
+
+
+def _collect_following(sc, rdd, progress: Progress, rows: int) -> list:
+    """rdd.collect(), its progress read from Spark's status tracker by the progress thread: a step per task."""
+    group = f"emr_job-{uuid.uuid4().hex[:8]}"
+    sc.setJobGroup(group, "featurize")  # this thread's jobs: the Spark UI shows the description too
+    progress.follow(spark_images(sc, group, rows))
+    try:
+        return rdd.collect()
+    finally:
+        progress.follow(None)
+        for name in ("spark.jobGroup.id", "spark.job.description"):  # later jobs are not the featurize pass
+            sc.setLocalProperty(name, None)
 
 
 def _map_files(spark, paths: list, body) -> list:
@@ -512,7 +563,10 @@ def _featurize(ctx: RunContext) -> list:
         run_id=ctx.run_id,
         schema=arrow_schema("features"),
     )
-    status = _map(spark, plan.featurize.to_pylist(), IN_ARROW, body, slices)
+    ctx.progress.count_from_now()
+    # featurize_partition reads up to two model batches ahead of the model
+    status = _map(spark, plan.featurize.to_pylist(), IN_ARROW, body, slices, ctx.progress, 2 * cfg.batch_size)
+    ctx.progress.reach(plan.featurize.num_rows)  # every image is accounted for: written, failed or gone
     if spark:
         weights_bc.unpersist()
     timer.lap("featurize")

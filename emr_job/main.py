@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,18 @@ from emr_job.model import WeightsError  # noqa: E402
 from emr_job.pca import PcaError  # noqa: E402
 
 log = logging.getLogger("emr_job")
+LAUNCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # it names the run's progress object
+
+
+class _Stderr:
+    """Whatever sys.stderr is when a line is logged: at a terminal the progress bar (rich) swaps it, to print the
+    log above the bar rather than through it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,13 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
         if not GLUE_DATABASE.match(args.glue_database):
             parser.error(f"--glue-database {args.glue_database!r}: lower-case letters, digits and underscores only")
+    if args.launch_id is not None and not LAUNCH_ID.fullmatch(args.launch_id):
+        parser.error(f"--launch-id {args.launch_id!r}: letters, digits, '.', '_' and '-' only")
     if args.k is None and args.variance is None:
         args.variance = 0.95
     return args
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=_Stderr())
     logging.getLogger("pyiceberg").setLevel(logging.WARNING)  # "Defaulting to PyArrow FileIO", per table
     # The EMR runtime's pyiceberg has no compiled Avro decoder (emr_job/requirements.txt says why): expected there.
     warnings.filterwarnings("ignore", message="Falling back to pure Python Avro decoder")
