@@ -60,6 +60,7 @@ class Progress:
         self._bar_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._opened = clock()
 
     # --- what the job reports ---------------------------------------------------------------------------
     def stage(self, name: str, total: Optional[int] = None) -> None:
@@ -196,6 +197,10 @@ class Progress:
             since = None if self._last_write is None else now - self._last_write
             changed = self._version != self._written
             if since is not None and not (changed and since >= self.every_s) and since < HEARTBEAT_S:
+                return
+            # The first write waits for the first stage past planning, or PROGRESS_EVERY_S: the featurize stage of
+            # a short run is then written at once, not throttled behind a write of "plan"
+            if since is None and self._stage == STAGES[0] and now - self._opened < self.every_s:
                 return
             self._written, self._last_write = self._version, now
             snap = self.snapshot(now)

@@ -80,12 +80,14 @@ def test_progress_is_written_at_most_every_10_s_and_a_stage_change_comes_through
     monkeypatch.setattr(storage, "write_bytes", lambda path, data, _: written.append((now[0], json.loads(data))))
     progress = Progress("20260101T000000Z-0000abcd", said.append, str(tmp_path), "run-1", clock=lambda: now[0],
                         wall=lambda: 1.8e9 + now[0])  # fmt: skip
-    progress.tick()
-
-    # When 1,000 images are featurized over 100 s, reported in 1,000 steps, and then two stages follow at once
-    progress.stage("featurize", total=1000)
+    # When planning takes 10 s (the first write waits for a stage past it, or 10 s), then 900 images are featurized
+    # over 90 s, reported in 900 steps, and then two stages follow at once
+    for step in range(0, 101):
+        now[0] = step * 0.1
+        progress.tick()
+    progress.stage("featurize", total=900)
     progress.count_from_now()
-    for step in range(1, 1001):
+    for step in range(101, 1001):
         now[0] = step * 0.1
         progress.advance(1)
         if step == 1000:
@@ -110,8 +112,8 @@ def test_progress_is_written_at_most_every_10_s_and_a_stage_change_comes_through
     assert featurizing[-1]["rate"] == pytest.approx(10.0) and featurizing[-1]["eta_s"] > 0
     assert written[-1][1]["updated_at"] == "2027-01-15T08:01:50+00:00"
     # And the plain lines (off a terminal) followed the same throttle, with the featurize stage's outcome once
-    assert "featurize: 200 of 1,000 images (20%), 10.0 images/s, about 80 s left" in said
-    assert said[-1] == "featurize: 1,000 of 1,000 images (100%), 10.0 images/s"
+    assert "featurize: 200 of 900 images (22%), 10.0 images/s, about 70 s left" in said
+    assert said[-1] == "featurize: 900 of 900 images (100%), 10.0 images/s"
     assert len(said) <= 11
 
 
