@@ -21,7 +21,7 @@ from pipeline.launchers import JobOutcome, StartBlocked, StartRefused
 from pipeline.notifications import TICK
 from pipeline.observability import count, digest, logger, measure
 from pipeline.settings import Settings
-from pipeline.state import Conflict, PipelineState, Run, State, retry_delay_s
+from pipeline.state import Conflict, PipelineState, Run, State, dropped_events, retry_delay_s
 from pipeline.timing import GAVE_UP, next_start
 
 STARTING_GRACE_S = 300  # a claim without a job id older than this lost its starter (the function timeout is 120 s)
@@ -67,7 +67,7 @@ def on_changes(p: Pipeline, changes: int, latest_change_at: Optional[float]) -> 
 
 def maybe_start(p: Pipeline, hurry: bool = False) -> Started:
     """Start a run if the pipeline is dirty, no run is active, and uploads have settled (or waited too long).
-    hurry: start without waiting for uploads to settle (an erasure cleanup is due)."""
+    hurry: an erasure cleanup is due: start without waiting for uploads to settle or for a back-off to end."""
     state = p.state.read()
     flush(p, state)
     now, s = p.state.clock(), p.settings
@@ -76,7 +76,7 @@ def maybe_start(p: Pipeline, hurry: bool = False) -> Started:
             return _launch(p, state, state.run)  # its starter died between the claim and the job id
         return Started("active", state.run.run_id)
     due = next_start(state, s.quiet_seconds, s.max_wait_seconds, now)
-    if due.reason != "start" and not (hurry and due.reason == "settling"):
+    if due.reason != "start" and not (hurry and due.reason in ("settling", "backoff")):
         return Started(due.reason)  # clean | given-up | backoff | settling
     try:
         run = p.state.claim(state, new_run_id(now))
@@ -330,6 +330,9 @@ def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
     except Conflict:
         logger.info("run already settled by another invocation", extra={"run_id": run.run_id})
         return
+    if event and dropped_events(state):
+        logger.error("events EventBridge kept refusing were dropped", extra={"dropped": len(dropped_events(state))})
+        count("EventsDropped", len(dropped_events(state)))
     count("RunsSucceeded" if outcome.succeeded else "RunsFailed")
     if published is not None and not outcome.succeeded:
         count("RunsFailedAfterPublishing")

@@ -36,6 +36,9 @@ from botocore.exceptions import ClientError
 ITEM_ID = "pipeline"
 ALERTED = "alerted_"  # run.alerted_<incident>: that incident was alerted once
 OUTBOX = "outbox_"  # outbox_<event id>: an event to put on the bus
+# Events kept while EventBridge refuses them (a denied PutEvents): the oldest go beyond this, so the one item stays
+# far below DynamoDB's 400 KB and the pipeline runs on (about 2 KB each)
+OUTBOX_MAX = 20
 CLOCK_SKEW_S = 60  # margin between S3's event times and ours when deciding a change was already visible
 
 
@@ -300,6 +303,9 @@ class PipelineState:
         if event:
             sets.append("#event = :event")
             names["#event"], values[":event"] = OUTBOX + event[0], _s(event[1])
+            for i, old in enumerate(dropped_events(seen)):
+                removes.append(f"#old{i}")
+                names[f"#old{i}"] = old
         expression = f"SET {', '.join(sets)} REMOVE {', '.join(removes)}"
         self._update(expression, values, condition="#run.run_id = :id", names=names)
 
@@ -319,6 +325,11 @@ class PipelineState:
         # Conflict: a newer alert replaced it, or another invocation sent and removed it already.
         with contextlib.suppress(Conflict):
             self._update("REMOVE alert", {":id": _s(alert_id)}, condition="alert.id = :id")
+
+
+def dropped_events(seen: State) -> list:
+    """The outbox entries a new event pushes out: the oldest beyond OUTBOX_MAX (run ids sort by time)."""
+    return sorted(seen.outbox)[: max(0, len(seen.outbox) + 1 - OUTBOX_MAX)]
 
 
 def retry_delay_s(base_s: int, failures_before: int) -> int:

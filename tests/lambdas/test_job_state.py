@@ -1250,3 +1250,53 @@ def test_failures_put_run_failed_then_pipeline_gave_up_and_a_cleanup_that_publis
     [(first, failed), (second, gave_up)] = delivered(aws)
     assert (first, second) == ("Run Failed", "Pipeline Gave Up")
     assert failed["id"] == f"{failed_id}:failed" and "counts" not in failed and gave_up["attempt"] == 2
+
+
+def test_events_eventbridge_keeps_refusing_never_fill_the_state_item(aws, trigger, job_state, clock, lambda_context,
+                                                                     capsys):  # fmt: skip
+    from pipeline.state import OUTBOX_MAX
+
+    # Given an outbox already holding as many events as it keeps (PutEvents denied by an SCP, say)
+    pending = {"S": '{"DetailType": "Run Failed", "Detail": {}}'}
+    for i in range(OUTBOX_MAX):
+        aws.ddb.update_item(TableName="runs", Key={"id": {"S": "pipeline"}}, UpdateExpression="SET #e = :e",
+                            ExpressionAttributeNames={"#e": f"outbox_run-20260101T0000{i:02d}Z-00000000:failed"},
+                            ExpressionAttributeValues={":e": pending})  # fmt: skip
+
+    def denied(**kwargs):
+        raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "explicit deny"}}, "PutEvents")
+
+    aws.monkeypatch.setattr(job_state.PIPELINE.events, "put_events", denied)
+    aws.monkeypatch.setattr(trigger.PIPELINE.events, "put_events", denied)
+
+    # When another run settles
+    put_image(aws)
+    upload(trigger, clock, lambda_context)
+    run_id = active_run_id(aws)
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+
+    # Then the outbox still holds OUTBOX_MAX events, the newest among them, the oldest dropped and counted
+    outbox = sorted(name for name in state_item(aws) if name.startswith("outbox_"))
+    assert len(outbox) == OUTBOX_MAX and outbox[-1] == f"outbox_{run_id}:failed"
+    assert "outbox_run-20260101T000000Z-00000000:failed" not in outbox
+    assert metrics_out(capsys.readouterr().out)["EventsDropped"] == 1
+
+
+def test_a_cleanup_due_during_a_back_off_starts_at_its_time(aws, trigger, job_state, clock, lambda_context):
+    from tests.lambdas.conftest import iso
+
+    # Given a published run that asked for a cleanup, then a run that failed: back-off until 5 minutes later
+    put_image(aws)
+    upload(trigger, clock, lambda_context)
+    due = clock.now + 400
+    succeed_with_report(aws, job_state, lambda_context, cleanup_due_at=iso(due))
+    clock.advance(300)
+    upload(trigger, clock, lambda_context, "images/A/2.jpg")
+    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+    assert float(state_item(aws)["retry_at"]["N"]) > due + 60
+
+    # When the reconciler comes round at the due time, still in the back-off
+    clock.advance(100 + 5)
+
+    # Then the cleanup run starts: the erasure bound does not wait for the back-off
+    assert reconcile(job_state, lambda_context) == {"reconciled": "cleanup", "next": "started"}
