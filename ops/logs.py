@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from pipeline.launchers import ACTIVE_JOB_RUN_STATES, FIND_WINDOW_S, run_time
 from pipeline.state import PipelineState
 
 from ops import stack as stacks
@@ -35,10 +36,6 @@ from ops.preflight import CallFailed, UsageError, call
 
 RUN_ID = re.compile(r"run-\d{8}T\d{6}Z-[0-9a-f]{8}")  # pipeline/control.py new_run_id
 POLL_S = 30  # EMR uploads every few minutes: polling faster only lists the same objects again
-# As pipeline/launchers.py (not imported: it pulls in the functions' Powertools): a run's job is created after its
-# claim, a day earlier covers clock skew; these job run states are not terminal.
-FIND_WINDOW_S = 86400
-ACTIVE_JOB_RUN_STATES = {"SUBMITTED", "QUEUED", "PENDING", "SCHEDULED", "RUNNING", "CANCELLING"}
 SERVERLESS_LOGS = "logs/emr-serverless/"  # the launchers' logUri and LogUri under the stack's bucket
 EC2_LOGS = "logs/emr-ec2/"
 # <logUri>/applications/<app>/jobs/<job run>/SPARK_DRIVER/std{out,err}.gz: EMR Serverless User Guide, Getting
@@ -306,12 +303,6 @@ def searched(ctx: Context, run_id: str) -> str:
         return (f"no job run named {run_id} in EMR Serverless application {ctx.stack.output('EmrApplicationId')} "
                 f"created since {since} (EMR lists job runs for 90 days)")  # fmt: skip
     return f"no EMR cluster named {cluster_name(ctx, run_id)} created since {since} (EMR lists clusters for 60 days)"
-
-
-def run_time(run_id: str) -> float:
-    """run-YYYYmmddTHHMMSSZ-xxxx -> epoch seconds."""
-    stamp = datetime.strptime(run_id.split("-")[1], "%Y%m%dT%H%M%SZ")
-    return stamp.replace(tzinfo=timezone.utc).timestamp()
 
 
 def cluster_name(ctx: Context, run_id: str) -> str:

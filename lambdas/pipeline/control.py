@@ -324,25 +324,27 @@ def _end(p: Pipeline, state: State, outcome: JobOutcome) -> None:
             alert = _alert(f"run {run.run_id} ended {outcome.state}", run, outcome.state, f"{outcome.detail}; {then}")
     event = kind and events.build(kind, s.stage, s.bucket, s.results_prefix, run.run_id, run.attempt, outcome.state,
                                   outcome.detail, published, used)  # fmt: skip
+    dropped = dropped_events(state) if event else []  # what the settle pushes out of a full outbox
     try:
         p.state.settle(state, outcome.succeeded or published is not None, record, alert, s.retry_base_seconds,
                        s.max_attempts, given_up_on, cleanup_at, guessed, event or None)  # fmt: skip
     except Conflict:
         logger.info("run already settled by another invocation", extra={"run_id": run.run_id})
         return
-    if event and dropped_events(state):
-        logger.error("events EventBridge kept refusing were dropped", extra={"dropped": len(dropped_events(state))})
-        count("EventsDropped", len(dropped_events(state)))
+    if dropped:
+        logger.error("events EventBridge kept refusing were dropped", extra={"dropped": len(dropped)})
+        count("EventsDropped", len(dropped))
     count("RunsSucceeded" if outcome.succeeded else "RunsFailed")
     if published is not None and not outcome.succeeded:
         count("RunsFailedAfterPublishing")
     _run_metrics(run, published, p.state.clock())
     if outcome.usage is None and outcome.job_id:
         used = _usage_after_settle(p, run, outcome.job_id)
-    costs.emit(used)
+    _emit_costs(used)
     logger.info("run settled", extra={**record, **costs.as_strings(used), "cleanup_at": cleanup_at,
                                       "event": kind})  # fmt: skip
-    flush(p, p.state.read())
+    if alert or event:
+        flush(p, p.state.read())
 
 
 # Per settled run, for the dashboard: its length, and what it did when it published (report.json's counts)
@@ -352,9 +354,20 @@ RUN_METRICS = {"images_total": "ImagesTotal", "images_featurized": "ImagesFeatur
 
 def _run_metrics(run: Run, published: Optional[dict], now: float) -> None:
     measure("RunDurationSeconds", round(now - (run.started_at or run.claimed_at), 1), MetricUnit.Seconds)
+    if published is None:
+        return
     for field, metric in RUN_METRICS.items():
-        if published is not None and published.get(field) is not None:
+        if published.get(field) is not None:
             count(metric, int(published[field]), always=True)
+
+
+def _emit_costs(figures: dict) -> None:
+    """One metric per figure of what the run used: the hours its estimate is priced on, and the estimate."""
+    on = costs.basis(figures)
+    for name, metric in costs.METRICS.items():
+        value = figures.get(name if name == "estimated_usd" else on + name, figures.get(name))
+        if value is not None:
+            measure(metric, value)
 
 
 def _read_report(p: Pipeline, run: Run) -> tuple:

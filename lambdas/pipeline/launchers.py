@@ -106,7 +106,7 @@ class JobOutcome:
     usage: Optional[dict] = None  # what the job used, when the answer that ended it said (None: ask usage())
 
 
-def _run_time(run_id: str) -> float:
+def run_time(run_id: str) -> float:
     """run-YYYYmmddTHHMMSSZ-xxxx -> epoch seconds (0 when the id has another shape)."""
     try:
         stamp = datetime.strptime(run_id.split("-")[1], "%Y%m%dT%H%M%SZ")
@@ -143,7 +143,7 @@ class ServerlessLauncher:
 
     def find(self, run_id: str) -> Optional[str]:
         """The job run this run already started, in any state, if a start whose answer was lost did start one."""
-        since = datetime.fromtimestamp(_run_time(run_id) - FIND_WINDOW_S, tz=timezone.utc)
+        since = datetime.fromtimestamp(run_time(run_id) - FIND_WINDOW_S, tz=timezone.utc)
         return next((job["id"] for job in self._job_runs(createdAtAfter=since) if job.get("name") == run_id), None)
 
     def others_active(self, run_id: str) -> int:
@@ -223,7 +223,7 @@ class Ec2Launcher:
     def find(self, run_id: str) -> Optional[str]:
         """The cluster this run already made, in any state (RunJobFlow has no client token)."""
         name = self.cluster_name(run_id)
-        since = datetime.fromtimestamp(_run_time(run_id) - FIND_WINDOW_S, tz=timezone.utc)
+        since = datetime.fromtimestamp(run_time(run_id) - FIND_WINDOW_S, tz=timezone.utc)
         return next((c["Id"] for c in self._clusters(CreatedAfter=since) if c["Name"] == name), None)
 
     def others_active(self, run_id: str) -> int:
