@@ -40,9 +40,8 @@ class Progress:
 
     def __init__(self, job_run_id: str, log: Callable = print, output: Optional[str] = None,
                  launch_id: Optional[str] = None, tty: bool = False, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, every_s: Optional[float] = None):  # fmt: skip
+                 wall: Callable[[], float] = time.time):  # fmt: skip
         self.job_run_id, self.launch_id, self.log, self.clock, self.wall = job_run_id, launch_id, log, clock, wall
-        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
         self.output = storage.normalize(output) if output and launch_id else None
         self.uri = progress_uri(self.output, launch_id) if self.output else None
         self.started_at = _iso(wall())
@@ -134,7 +133,8 @@ class Progress:
         }
 
     def start(self) -> Progress:
-        """Remove progress objects of earlier launches, write the first state, and follow the run in a thread."""
+        """Remove progress objects of earlier launches, write the first state if it is due (_flush), and follow the
+        run in a thread."""
         if self.uri:
             self._remove_stale()
         if self._tty:
@@ -196,11 +196,11 @@ class Progress:
             now = self.clock()
             since = None if self._last_write is None else now - self._last_write
             changed = self._version != self._written
-            if since is not None and not (changed and since >= self.every_s) and since < HEARTBEAT_S:
+            if since is not None and not (changed and since >= PROGRESS_EVERY_S) and since < HEARTBEAT_S:
                 return
             # The first write waits for the first stage past planning, or PROGRESS_EVERY_S: the featurize stage of
             # a short run is then written at once, not throttled behind a write of "plan"
-            if since is None and self._stage == STAGES[0] and now - self._opened < self.every_s:
+            if since is None and self._stage == STAGES[0] and now - self._opened < PROGRESS_EVERY_S:
                 return
             self._written, self._last_write = self._version, now
             snap = self.snapshot(now)
