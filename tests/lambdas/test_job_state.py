@@ -809,18 +809,25 @@ def test_a_run_that_fails_after_publishing_is_settled_as_published_and_keeps_its
     assert reconcile(job_state, lambda_context) == {"reconciled": "cleanup", "next": "started"}
 
 
-def test_a_cleanup_due_after_giving_up_still_runs_with_retries_then_says_it_is_pending(aws, trigger, job_state, clock,
-                                                                                      lambda_context):  # fmt: skip
+def cleanup_due_then_a_failed_run(aws, trigger, job_state, clock, lambda_context, after_s: float) -> float:
+    """A run publishes and asks for a cleanup after_s later; 300 s on, a new upload's run fails. Returns the due
+    time."""
     from tests.lambdas.conftest import iso
 
-    # Given a published run that asked for a cleanup, then a change whose runs failed until the pipeline gave up
     put_image(aws)
     upload(trigger, clock, lambda_context)
-    due = clock.now + 3000
+    due = clock.now + after_s
     succeed_with_report(aws, job_state, lambda_context, cleanup_due_at=iso(due))
     clock.advance(300)
     upload(trigger, clock, lambda_context, "images/A/2.jpg")
     job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+    return due
+
+
+def test_a_cleanup_due_after_giving_up_still_runs_with_retries_then_says_it_is_pending(aws, trigger, job_state, clock,
+                                                                                      lambda_context):  # fmt: skip
+    # Given a published run that asked for a cleanup, then a change whose runs failed until the pipeline gave up
+    cleanup_due_then_a_failed_run(aws, trigger, job_state, clock, lambda_context, after_s=3000)
     clock.advance(301)
     reconcile(job_state, lambda_context)
     job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
@@ -1283,16 +1290,8 @@ def test_events_eventbridge_keeps_refusing_never_fill_the_state_item(aws, trigge
 
 
 def test_a_cleanup_due_during_a_back_off_starts_at_its_time(aws, trigger, job_state, clock, lambda_context):
-    from tests.lambdas.conftest import iso
-
     # Given a published run that asked for a cleanup, then a run that failed: back-off until 5 minutes later
-    put_image(aws)
-    upload(trigger, clock, lambda_context)
-    due = clock.now + 400
-    succeed_with_report(aws, job_state, lambda_context, cleanup_due_at=iso(due))
-    clock.advance(300)
-    upload(trigger, clock, lambda_context, "images/A/2.jpg")
-    job_state.lambda_handler(serverless_state(active_job(aws), aws.app_id, "FAILED"), lambda_context)
+    due = cleanup_due_then_a_failed_run(aws, trigger, job_state, clock, lambda_context, after_s=400)
     assert float(state_item(aws)["retry_at"]["N"]) > due + 60
 
     # When the reconciler comes round at the due time, still in the back-off
