@@ -112,3 +112,31 @@ def test_a_launched_run_treats_the_markers_of_earlier_launches_as_dead_and_its_o
 
     assert not os.path.exists(files[earlier]) and not os.path.exists(f"{out}/_running/{earlier}")
     assert os.path.exists(files[mine]) and os.path.exists(files[by_hand])  # by hand: it may still be running
+
+
+def test_a_marker_s3_will_not_delete_never_fails_the_run_and_the_next_launched_run_clears_it(
+    job, tmp_path, weights_file, monkeypatch
+):
+    # Given a tree, and a store that refuses to delete the run's marker (DeleteObjects' per-key error)
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(str(src), labels=("a", "b"), per_label=2)
+    delete_files = storage.delete_files
+
+    def refusing_markers(uris):
+        if any("/_running/" in uri for uri in uris):
+            raise storage.DeleteError("1 of 1 objects were not deleted (AccessDenied)")
+        delete_files(uris)
+
+    small = {"driver_max_images": 256, "driver_max_rows": 20000, "weights": weights_file, "k": 2}
+    with monkeypatch.context() as faulty:
+        faulty.setattr(storage, "delete_files", refusing_markers)
+        # When a launched run publishes
+        first = job(src, out, launch_id="run-20270101T000000Z-0000aaaa", **small)
+    # Then its results are published all the same, its marker left behind
+    assert first["published"] is True and first["images_ok"] == 4
+    assert len(storage.list_prefix(storage.join(str(out), "_running"))) == 1
+
+    # And the next launched run takes that marker for a dead run's and removes it
+    write(f"{src}/a/new.png", encoded(rgb(7), "PNG"))
+    second = job(src, out, launch_id="run-20270101T010000Z-0000bbbb", **small)
+    assert second["published"] is True and storage.list_prefix(storage.join(str(out), "_running")) == []

@@ -257,6 +257,25 @@ def test_delete_removes_every_version_of_the_artifacts_and_touches_nothing_else(
     assert len(versions(s3)) == 2 * len(others)
 
 
+def test_versions_s3_refuses_to_delete_fail_the_delete_with_the_reason(s3, tmp_path):
+    from artifacts.publish import ArtifactsError, publish, remove
+
+    # Given artifacts in place, and S3 answering DeleteObjects with per-key errors (a bucket policy, say)
+    deployer_weights(s3)
+    publish(s3, request(layer(tmp_path)))
+
+    def refused(Bucket, Delete):  # noqa: N803  (boto3's names)
+        return {"Errors": [{"Key": o["Key"], "Code": "AccessDenied"} for o in Delete["Objects"]]}
+
+    # When the stack is deleted: the Delete fails, saying how many and why (CloudFormation shows it), never silently
+    with pytest.MonkeyPatch.context() as faulty:
+        faulty.setattr(s3, "delete_objects", refused)
+        expected = r"\d+ versions under s3://.*/artifacts/job/ were not deleted \(AccessDenied\)"
+        with pytest.raises(ArtifactsError, match=expected):
+            remove(s3, request(layer(tmp_path)))
+    assert keys(s3)  # nothing was taken away
+
+
 def test_a_request_that_would_outlive_the_function_is_answered_before_it_times_out(handler, s3, web, monkeypatch):
     from artifacts import app
 
