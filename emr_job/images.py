@@ -18,6 +18,28 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+# decode_image, step by step, for a client that must give the published model.onnx the same input: saved in each
+# run's model.json and in the graph's metadata. With Pillow, following it reproduces the job's pixels exactly.
+DECODE_RECIPE = {
+    "library": "Pillow",
+    "steps": [
+        {"step": "draft", "formats": ["JPEG"], "mode": "RGB", "size": [SIZE, SIZE],
+         "pillow": f"img.draft('RGB', ({SIZE}, {SIZE})) before img.load()",
+         "what": "libjpeg's DCT scaling: decoded at 1/2, 1/4 or 1/8 size, the smallest that keeps both sides at "
+                 f"least {SIZE}"},
+        {"step": "exif_orientation", "pillow": "img = ImageOps.exif_transpose(img)",
+         "what": "the EXIF Orientation tag applied, then dropped"},
+        {"step": "rgb", "background": [255, 255, 255], "pillow": "img.convert('RGB'), transparency first composited "
+         "on the background (Image.alpha_composite)",
+         "what": "any mode to 8-bit RGB; 16-bit greys above 255 divided by 257; transparent pixels over white"},
+        {"step": "resize", "size": [SIZE, SIZE], "filter": "bilinear", "keep_aspect": False,
+         "pillow": f"img.resize(({SIZE}, {SIZE}), Image.BILINEAR)",
+         "what": "to 224x224 whatever the aspect ratio; Pillow's bilinear filter widens as it shrinks (antialiased)"},
+    ],
+    "output": f"uint8 RGB, shape ({SIZE}, {SIZE}, 3), rows top to bottom; stack N images as (N, {SIZE}, {SIZE}, 3)",
+}  # fmt: skip
+
+
 class ImageError(ValueError):
     """A file that is named like an image but cannot be used as one."""
 

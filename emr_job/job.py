@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 
-from emr_job import catalog, fitted, model, quality, report, storage
+from emr_job import catalog, fitted, model, network, quality, report, storage
 from emr_job.cost import PRICE_GB_HOUR, PRICE_VCPU_HOUR, ResourceMeter
 from emr_job.featurize import (
     FAILED,
@@ -119,6 +119,7 @@ class RunContext:
     session: Optional[Callable] = None
     fail_at: Optional[str] = None
     compact: bool = False  # small files to merge, or position deletes left by an older version of the job
+    outdated_model: bool = False  # the published run has a fitted model but no model.onnx (an older version)
     commit: Optional[RunCommit] = None
     spark: object = None
     network: object = None  # future of the network's payload, prepared while the JVM starts
@@ -144,7 +145,7 @@ def run(cfg: JobConfig, log=print, session=None, fail_at: Optional[str] = None) 
     try:
         progress.start()
         ctx = plan(cfg, log, session, fail_at, progress)
-        if ctx.results.report is not None and not ctx.plan.changes and not ctx.compact:
+        if ctx.results.report is not None and not (ctx.plan.changes or ctx.compact or ctx.outdated_model):
             return idle(ctx)
         marker = mark_running(ctx.results, ctx.run_id, cfg.launch_id)
         try:
@@ -182,6 +183,10 @@ def plan(cfg: JobConfig, log, session=None, fail_at: Optional[str] = None,
     ctx.compact = any(len(f.deleted) for f in files) or (
         sum(f.rows - len(f.deleted) < ROWS_PER_FILE // 4 for f in files) > SMALL_FILES_TO_COMPACT
     )
+    published = results.report or {}
+    ctx.outdated_model = bool(published.get("model")) and not published.get("model_onnx")
+    if ctx.outdated_model:
+        log(f"run {published['run_id']} published no model.onnx (an older version of the job): publishing again")
     return ctx
 
 
@@ -356,6 +361,7 @@ def publish(ctx: RunContext) -> None:
     rpt["maintenance"]["snapshots_expired"] = commit.expired
     rpt["plots"] = [f"runs/{ctx.run_id}/{name}" for name in sorted(ctx.run_files) if name.endswith(".png")]
     rpt["model"] = f"runs/{ctx.run_id}/{fitted.MODEL_JSON}" if fitted.MODEL_JSON in ctx.run_files else None
+    rpt["model_onnx"] = f"runs/{ctx.run_id}/{fitted.MODEL_ONNX}" if fitted.MODEL_ONNX in ctx.run_files else None
     rpt["html"] = f"runs/{ctx.run_id}/report.html"
     rpt["timings_s"] = ctx.timer.total()
     rpt["images_per_second"] = round(rpt["images_featurized"] / max(ctx.timer.stages.get("featurize", 0.0), 1e-9), 2)
@@ -606,9 +612,17 @@ def _pca(ctx: RunContext, n_ok: int):
         files = {
             "explained_variance.png": variance_png.result(),
             "pca_scatter.png": report.scatter_plot(coords[:, :2], labels),
-            **fitted.files(pca, weights, run_id),
+            **fitted.files(pca, weights, run_id, _network_onnx(ctx)),
         }
         return files, counts
+
+
+def _network_onnx(ctx: RunContext) -> bytes:
+    """The features-only ONNX graph of the run's weights: the one prepared for featurizing, else made now."""
+    if ctx.network is None:
+        return model.payload(ctx.weights, "onnx")
+    prepared = ctx.network.result()
+    return prepared if ctx.cfg.engine == "onnx" else network.onnx_model(prepared)
 
 
 def _sample(written: list, size: int) -> tuple:

@@ -16,8 +16,7 @@ RANDOM_SEED = 0
 FEATURE_SPEC = {
     "network": "MobileNetV2 (tf.keras.applications), include_top=False, pooling='avg'",
     "input": [224, 224, 3],
-    "decode": "EXIF orientation applied; any mode to RGB, transparency composited on white; bilinear resize "
-    "to 224x224 (emr_job/images.py)",
+    "decode": "emr_job/images.py: decode_image, step by step in model.json's decode (DECODE_RECIPE)",
     "preprocess": "uint8 pixels / 127.5 - 1 (mobilenet_v2.preprocess_input)",
     "features": FEATURE_DIM,
     "dtype": "float32",

@@ -204,6 +204,27 @@ def onnx_model(arrays: list) -> bytes:
     return model.SerializeToString()
 
 
+def with_projection(features_model: bytes, mean: np.ndarray, components: np.ndarray, metadata: dict) -> bytes:
+    """The network (onnx_model's bytes) followed by a PCA projection: a second output "pca" (n, k) float32,
+    (features - mean) @ components.T, computed in float32 so that any ONNX runtime can run it. metadata: strings
+    stored as the model's metadata_props."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load_from_string(features_model)
+    graph, k = model.graph, len(components)
+    graph.initializer.extend([numpy_helper.from_array(np.asarray(mean, np.float32), "pca/mean"),
+                              numpy_helper.from_array(np.ascontiguousarray(components.T, np.float32),
+                                                      "pca/components_t")])  # fmt: skip
+    graph.node.extend([helper.make_node("Sub", ["features", "pca/mean"], ["pca/centred"]),
+                       helper.make_node("MatMul", ["pca/centred", "pca/components_t"], ["pca"])])  # fmt: skip
+    graph.output.append(helper.make_tensor_value_info("pca", TensorProto.FLOAT, ["n", k]))
+    graph.name = "mobilenet_v2_features_pca"
+    helper.set_model_props(model, {str(key): str(value) for key, value in metadata.items()})
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def _conv_pads(size: tuple, cfg: dict) -> tuple:
     """Explicit ONNX pads [top, left, bottom, right] and the output size. TensorFlow's "same" puts the odd
     pixel at the end. Explicit pads, not auto_pad: ONNX Runtime then folds the ZeroPadding2D layers into them."""

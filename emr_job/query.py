@@ -1,28 +1,26 @@
 """Which stored images look like this photo? `python -m emr_job.query --results DIR|s3://... IMAGE [IMAGE ...]`
 
-Each image goes through the same decode, network and weights as the stored rows, is projected with the fitted
-PCA of the published run, and is compared with every stored image's coordinates. Prints the nearest stored
-images (path, label, distance) and the label they vote for."""
+Each image is decoded as the job decodes (model.json's recipe) and run through the published run's model.onnx,
+the graph any client of the results gets: the run's network and weights, then its PCA projection. Its
+coordinates are compared with every stored image's. Prints the nearest stored images (path, label, distance)
+and the label they vote for."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
-from emr_job import fitted, model, quality, storage
+from emr_job import fitted, quality, storage
 from emr_job.images import ImageError, decode_image
 
-BATCH = 32  # the job's default batch: the same compiled shape, so the same numbers
+BATCH = 32  # images per call: memory stays bounded for any number of images
 
 
 class QueryError(ValueError):
@@ -59,21 +57,6 @@ def load_results(root: str) -> tuple:
     return fit, Stored(table.column("path").to_pylist(), table.column("label").to_pylist(), coords)
 
 
-def check_weights(fit: fitted.Fitted, spec: Optional[str]) -> model.Weights:
-    """The weights to featurize with: those the results name unless given; refused if they differ."""
-    spec = spec or fit.weights_spec
-    try:
-        weights = model.resolve_weights(spec, tempfile.mkdtemp(prefix="emr_job-query-"))
-    except model.WeightsError as exc:
-        raise QueryError(f"{exc}; the results were made with {fit.weights_description}") from None
-    if weights.fingerprint != fit.weights_fingerprint:
-        raise QueryError(
-            f"--weights {spec} ({weights.fingerprint}) are not the weights these results were made with: "
-            f"{fit.weights_description} ({fit.weights_fingerprint}); coordinates would not be comparable"
-        )
-    return weights
-
-
 def read_images(paths: list) -> np.ndarray:
     """Decoded pixels of every image; QueryError naming each file that cannot be used."""
     pixels, errors = [], []
@@ -91,24 +74,29 @@ def read_images(paths: list) -> np.ndarray:
     return np.stack(pixels)
 
 
-def featurize(weights: model.Weights, pixels: np.ndarray, engine: str = "onnx") -> np.ndarray:
-    """The job's feature computation (emr_job.model.featurizer) on these pixels."""
-    network = SimpleNamespace(value=model.payload(weights, engine))
-    run = model.featurizer(network, weights.fingerprint, engine, BATCH, os.cpu_count() or 1)
-    return np.concatenate([run(pixels[i : i + BATCH]) for i in range(0, len(pixels), BATCH)])
+def session(onnx: bytes):
+    """An ONNX Runtime session on the run's model.onnx."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
 
 
-def query(root: str, images: list, weights: Optional[str] = None, top: int = 5, engine: str = "onnx") -> list:
+def run_model(sess, pixels: np.ndarray) -> tuple:
+    """(features, pca) of decoded images, as model.onnx computes them."""
+    parts = [sess.run(["features", "pca"], {"images": pixels[i : i + BATCH]}) for i in range(0, len(pixels), BATCH)]
+    return np.concatenate([f for f, _ in parts]), np.concatenate([p for _, p in parts])
+
+
+def query(root: str, images: list, top: int = 5) -> list:
     """Answers for each image, nearest stored images first."""
     if top < 1:
         raise QueryError(f"--top must be at least 1, got {top}")
     clock = time.monotonic()
     fit, stored = load_results(storage.normalize(root))
-    w = check_weights(fit, weights)
+    sess = session(fitted.onnx_bytes(fit))
     loaded = time.monotonic()
     pixels = read_images(images)
-    features = featurize(w, pixels, engine)
-    coords = fit.project(features)
+    _, coords = run_model(sess, pixels)
     featurized = time.monotonic()
     index, dist = quality.nearest(coords, stored.coords, top)
     searched = time.monotonic()
@@ -137,16 +125,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m emr_job.query", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--results", required=True, help="the job's --output: a folder or s3:// prefix")
-    parser.add_argument("--weights", help="the job's --weights (default: the ones the results name); checked")
     parser.add_argument("--top", type=int, default=5, help="nearest stored images to show (default 5)")
     parser.add_argument("--json", action="store_true", help="one JSON document instead of tables")
-    parser.add_argument("--engine", choices=model.ENGINES, default="onnx", help="as the job's --engine")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or s3:// URIs")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        answers = query(args.results, args.images, args.weights, args.top, args.engine)
-    except (QueryError, fitted.ModelError, model.WeightsError) as exc:
+        answers = query(args.results, args.images, args.top)
+    except (QueryError, fitted.ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (BotoCoreError, ClientError) as exc:  # no credentials, no such bucket, access denied

@@ -130,7 +130,7 @@ def write_pca(commit, n: int, k: int = K) -> None:
 def query_store(out: str, n: int, weights_file: str = "random") -> dict:
     """Published results a query can use: a pca table of n rows (k=K) and a fitted model for these weights."""
     from emr_job import fitted, storage
-    from emr_job.model import FEATURE_DIM, resolve_weights
+    from emr_job.model import FEATURE_DIM, payload, resolve_weights
     from emr_job.pca import PcaModel
     from emr_job.store import Results, RunCommit
 
@@ -140,9 +140,10 @@ def query_store(out: str, n: int, weights_file: str = "random") -> dict:
     commit = RunCommit(Results(out), "bench-query")
     write_pca(commit, n)
     weights = resolve_weights(weights_file, out)
-    for name, data in fitted.files(pca, weights, "bench-query").items():
+    for name, data in fitted.files(pca, weights, "bench-query", payload(weights, "onnx")).items():
         storage.write_bytes(f"{out}/runs/bench-query/{name}", data)
     commit.publish({"run_id": "bench-query", "model": f"runs/bench-query/{fitted.MODEL_JSON}",
+                    "model_onnx": f"runs/bench-query/{fitted.MODEL_ONNX}",
                     "weights_fingerprint": weights.fingerprint})  # fmt: skip
     return {"stored": n, "k": K}
 

@@ -9,13 +9,29 @@ def rows(out, name: str) -> dict:
 
 
 def published(out) -> dict:
-    """The published report and, per table, the run that wrote its published snapshot."""
+    """The published report and, per table (and for the run's model.onnx), the run that wrote what is published."""
     results = Results(str(out))
     runs = {}
     for name in ("features", "pca", "failures"):
         table = results.table(name)
         runs[name] = table.current_snapshot().summary["run-id"] if table and table.current_snapshot() else None
+    if results.report and results.report.get("model"):
+        runs["model.onnx"] = onnx_model(out)["run_id"]
     return {"report": results.report, "runs": runs}
+
+
+def onnx_model(out) -> dict:
+    """The published model.onnx's metadata, and k as its graph declares it."""
+    import json
+    from pathlib import Path
+
+    import onnx
+
+    report = json.loads((Path(out) / "report.json").read_text())
+    graph = onnx.load(str(Path(out) / report["model_onnx"]))
+    [pca] = [o for o in graph.graph.output if o.name == "pca"]
+    props = {p.key: p.value for p in graph.metadata_props}
+    return {**props, "graph_k": pca.type.tensor_type.shape.dim[1].dim_value}
 
 
 def encodings(key: str) -> list:

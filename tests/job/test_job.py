@@ -16,7 +16,7 @@ from emr_job import storage
 from emr_job.pca import PcaError
 from emr_job.store import CommitError
 from tests.job.images import bomb_png, encoded, every_mode, exif_rotated_jpeg, make_tree, rgb, write
-from tests.job.results import published, rows
+from tests.job.results import onnx_model, published, rows
 
 
 def test_real_world_tree_is_fully_accounted_for(job, tmp_path, weights_file):
@@ -229,9 +229,10 @@ def test_a_crash_at_any_commit_step_leaves_one_runs_results_and_the_next_run_com
     with pytest.raises(RuntimeError, match=f"injected failure at step '{step}'"):
         job(src, out, k=2, fail_at=step)
 
-    # Then readers see the tables and report of exactly one run: the previous one, or (past the swap) the new one
+    # Then readers see the tables, model and report of exactly one run: the previous one, or (past the swap) the new
     state = published(out)
-    assert set(state["runs"].values()) == {state["report"]["run_id"]}
+    assert set(state["runs"].values()) == {state["report"]["run_id"]} and "model.onnx" in state["runs"]
+    assert {len(r["pca"]) for r in rows(out, "pca").values()} == {onnx_model(out)["graph_k"]}
     if step == "published":
         assert state["report"]["run_id"] != first["run_id"] and len(rows(out, "features")) == 6
     else:

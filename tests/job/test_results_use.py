@@ -5,6 +5,8 @@ import base64
 import io
 import json
 import re
+import shutil
+from functools import partial
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from emr_job import query as query_cli
 from emr_job import sql as sql_cli
 from emr_job.store import Results
 from tests.job.images import encoded, make_tree, rgb, write
-from tests.job.results import rows
+from tests.job.results import onnx_model, published, rows
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = ("Apple Braeburn", "Kiwi", "Pêche")
@@ -52,10 +54,28 @@ def test_the_fitted_model_is_published_with_the_results(store, weights_file):
         np.testing.assert_allclose(fit.project(np.array([row["features"]]))[0], pca[path]["pca"], rtol=1e-5, atol=1e-6)
 
 
+def test_results_published_before_model_onnx_get_it_at_the_next_run_though_nothing_changed(job, tmp_path, weights_file):
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(str(src), labels=("x", "y"), per_label=2)
+    job = partial(job, weights=weights_file, k=2, driver_max_images=256, driver_max_rows=20000)
+    first = job(src, out)
+    # As an older version left them: a fitted model, no model.onnx
+    report = json.loads((out / "report.json").read_text())
+    (out / report.pop("model_onnx")).unlink()
+    (out / "report.json").write_text(json.dumps(report))
+
+    again = job(src, out)
+
+    assert again["published"] and again["run_id"] != first["run_id"] and again["images_featurized"] == 0
+    runs = published(out)["runs"]  # the features are unchanged: their snapshot stays the first run's
+    assert onnx_model(out)["run_id"] == runs["pca"] == runs["model.onnx"] == again["run_id"]
+    assert job(src, out)["published"] is False  # and then runs without changes publish nothing, as before
+
+
 def test_query_finds_a_stored_image_first_with_its_stored_coordinates(store, weights_file, capsys):
     src, out, _ = store
     image = f"{src}/Kiwi/2.jpg"
-    assert query_cli.main(["--results", str(out), "--weights", weights_file, "--json", image]) == 0
+    assert query_cli.main(["--results", str(out), "--json", image]) == 0
     [answer] = json.loads(capsys.readouterr().out)
     stored = rows(out, "pca")[image]["pca"]
     nearest = answer["neighbours"][0]
@@ -71,7 +91,6 @@ def test_query_finds_a_stored_image_first_with_its_stored_coordinates(store, wei
 def test_query_of_a_new_photo_prints_neighbours_and_a_label(store, tmp_path, capsys):
     _, out, _ = store
     photo = write(f"{tmp_path}/new photo.png", encoded(rgb(1234, size=(90, 70)), "PNG"))
-    # --weights left out: the weights the results name are used (and checked)
     assert query_cli.main(["--results", str(out), "--top", "3", photo]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert re.match(rf"{re.escape(photo)}: likely ({'|'.join(LABELS)}) \([1-3] of 3 nearest\)", printed[0])
@@ -81,7 +100,7 @@ def test_query_of_a_new_photo_prints_neighbours_and_a_label(store, tmp_path, cap
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("other weights", "are not the weights these results were made with"),
+        ("model of an older version", "published before runs saved model.onnx; the next run adds it"),
         ("missing file", "nope.jpg: file not found"),
         ("not an image", "notes.jpg: not a recognised image format"),
         ("no results", "no results at"),
@@ -92,9 +111,12 @@ def test_query_refuses_bad_input_in_one_line(store, tmp_path, capsys, spark, wei
     from emr_job.job import JobConfig, run
 
     src, out, _ = store
-    image, args = f"{src}/Kiwi/0.jpg", []
-    if case == "other weights":
-        args = ["--weights", "random"]
+    image = f"{src}/Kiwi/0.jpg"
+    if case == "model of an older version":  # results published before model.onnx: model.json format 1
+        out = tmp_path / "old"
+        shutil.copytree(store[1], out)
+        meta_file = out / store[2]["model"]
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "format": 1}))
     elif case == "missing file":
         image = str(tmp_path / "nope.jpg")
     elif case == "not an image":
@@ -106,7 +128,7 @@ def test_query_refuses_bad_input_in_one_line(store, tmp_path, capsys, spark, wei
         out = tmp_path / "one-out"
         run(JobConfig(input=str(tmp_path / "one"), output=str(out), weights=weights_file), session=lambda: spark)
         capsys.readouterr()  # the job's own log
-    assert query_cli.main(["--results", str(out), *args, image]) == 1
+    assert query_cli.main(["--results", str(out), image]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     [line] = captured.err.strip().splitlines()
@@ -134,8 +156,6 @@ def test_the_readme_sql_runs_on_the_tables_and_agrees_with_the_report(store):
 
 
 def test_sql_sees_deletes_applied(store, tmp_path, spark, weights_file):
-    import shutil
-
     from emr_job.job import JobConfig, run
 
     src, out = tmp_path / "in", tmp_path / "out"
