@@ -16,6 +16,9 @@
               with every ratio against issue 17's targets and against the ceiling
   decode      decoding choices for camera photos (tests/bench/decode.py): time per image and the features' cosine
               to a full decode followed by the same resize
+  model       a run's model.onnx (tests/bench/model_file.py): size, load time and throughput against the job's
+              network, and how close a client's decoding gets to the stored rows (recipe, full decode with
+              Pillow's bilinear, full decode with a plain bilinear), on small images and camera photos
   pca         emr_job.pca against pyspark.ml.feature.PCA on the same 20,000 x 1280 features, k=100
   trigger     the trigger on 10 and on 10,000 records after a million changes (moto): AWS calls, time
   daily       the daily pass's digest of 100,000 objects under images/ (a moto server in its own process, so the
@@ -888,7 +891,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--stored", type=int, default=1_000_000, help="stored images for the planning section")
     parser.add_argument("--photos", type=int, default=1000, help="camera photos for the photos section")
-    sections = ["job", "photos", "decode", "pca", "trigger", "daily", "reconcile", "listing", "query"]
+    sections = ["job", "photos", "decode", "model", "pca", "trigger", "daily", "reconcile", "listing", "query"]
     parser.add_argument("--only", choices=sections, help="run one section")
     parser.add_argument("--no-predict-batch-udf", dest="predict_batch_udf", action="store_false",
                         help="skip Spark's predict_batch_udf (the slowest part)")  # fmt: skip
@@ -913,6 +916,12 @@ def main(argv=None) -> int:
         if not weights.exists():
             save_weights(weights)
         result["decode"] = json_line(str(ROOT / "tests" / "bench" / "decode.py"), str(weights))
+    if args.only in (None, "model"):
+        log("model: a run's model.onnx, its cost and how close clients get")
+        weights = work / "weights.weights.h5"
+        if not weights.exists():
+            save_weights(weights)
+        result["model"] = json_line(str(ROOT / "tests" / "bench" / "model_file.py"), str(weights), str(work))
     if args.only in (None, "pca"):
         log("pca: ours against pyspark.ml")
         result["pca"] = pca_benchmark(work)
