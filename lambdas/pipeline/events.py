@@ -28,6 +28,7 @@ def build(kind: str, stage: str, bucket: str, results_prefix: str, run_id: str, 
         detail["k"] = report.get("k")
         detail["report"] = results + "report.json"
         detail["report_html"] = results + report["html"] if report.get("html") else None
+        detail["model"] = results + report["model_onnx"] if report.get("model_onnx") else None  # its model.onnx
         detail["tables"] = dict((report.get("commit") or {}).get("tables") or {})  # metadata files' URIs
     else:
         detail["detail"] = detail_text  # EMR's own text, or only the error names in it (launchers.safe_detail)

@@ -153,3 +153,18 @@ def test_model_onnx_is_one_standard_graph_that_names_no_image(published):
     stored = [str(p.relative_to(src)) for p in src.rglob("*") if p.is_file()]
     assert stored and not [name for name in stored if name.encode() in data or Path(name).name.encode() in data]
     assert str(src).encode() not in data
+
+
+def test_the_readme_example_gives_a_stored_rows_coordinates(published):
+    src, out = published
+    report = json.loads((out / "report.json").read_text())
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [example] = [b for b in readme.split("```python\n")[1:] if "model.onnx" in b.split("```")[0]]
+    code = example.split("```")[0]
+    photo = src / "Apple" / "turned.jpg"
+    code = code.replace("out/results/runs/<run_id>/model.onnx", str(out / report["model_onnx"]))
+    code = code.replace('"photo.jpg"', repr(str(photo)))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example, as a reader runs it
+    stored = np.asarray(table_rows(out, report, "pca")[str(photo)]["pca"], np.float64)
+    assert np.abs(scope["pca"][0] - stored).max() <= 1e-3 * np.linalg.norm(stored)

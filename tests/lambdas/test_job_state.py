@@ -1167,6 +1167,7 @@ def publish_as_the_run(aws, **maintenance) -> dict:
     report = {**publish(aws, **maintenance), "launch_id": active_run_id(aws), "k": 3, "images_total": 2,
               "images_ok": 2, "images_failed": 0, "images_featurized": 2, "images_removed": 0,
               "html": "runs/20261125T000000Z-0000beef/report.html",
+              "model_onnx": "runs/20261125T000000Z-0000beef/model.onnx",
               "resources": {"vcpu_seconds": 36.0, "gb_seconds": 72.0, "estimated_usd": 0.0005},
               "commit": {"tables": {"features": f"s3://{BUCKET}/results/tables/features/metadata/00001-a.metadata.json"}},
               "failures": ["images/A/secret name.jpg"]}  # fmt: skip
@@ -1194,6 +1195,7 @@ def test_a_published_run_puts_one_event_whatever_settles_it_how_often(aws, trigg
     assert kind == "Results Published" and detail["id"] == f"{run_id}:published" and detail["run_id"] == run_id
     assert detail["stage"] == "dev" and detail["k"] == 3 and detail["counts"]["images_ok"] == 2
     assert detail["report"] == f"s3://{BUCKET}/results/report.json"
+    assert detail["model"] == f"s3://{BUCKET}/results/runs/20261125T000000Z-0000beef/model.onnx"
     assert detail["tables"]["features"].endswith("metadata.json") and detail["cost"]["estimated_usd"] == 0.0005
     assert "images/" not in json.dumps(detail)
     assert not any(name.startswith("outbox_") for name in state_item(aws))
