@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 
-from emr_job import catalog, fitted, model, network, quality, report, storage
+from emr_job import catalog, fitted, model, moments, network, quality, report, storage
 from emr_job.cost import PRICE_GB_HOUR, PRICE_VCPU_HOUR, ResourceMeter
 from emr_job.featurize import (
     FAILED,
@@ -35,9 +35,9 @@ from emr_job.pca import (
     PcaError,
     file_moments,
     file_projection,
-    fit_from_moments,
     rewrite_files,
 )
+from emr_job.pca import fit as fit_pca
 from emr_job.plan import Plan, make_plan
 from emr_job.progress import Progress, at_terminal, spark_images
 from emr_job.store import (
@@ -584,8 +584,11 @@ def _pca(ctx: RunContext, n_ok: int):
     returns the run's files (plots, the fitted model) and the rows per label."""
     spark, cfg, commit, run_id, rpt, weights = ctx.spark, ctx.cfg, ctx.commit, ctx.run_id, ctx.report, ctx.weights
     try:
-        moments = _map_files(spark, ctx.live, file_moments) if ctx.live else []
-        pca = fit_from_moments(moments, cfg.variance if cfg.k is None else None, cfg.k)
+        parts = _map_files(spark, ctx.live, file_moments) if ctx.live else []
+        rpt["moments"] = {"files_cached": sum(p["cached"] for p in parts),
+                          "files_computed": sum(p["computed"] for p in parts)}  # fmt: skip
+        pca = fit_pca(moments.merge(moments.from_row(p) for p in parts), cfg.variance if cfg.k is None else None,
+                      cfg.k)  # fmt: skip
     except PcaError as exc:
         if cfg.k is not None and n_ok >= 2:
             raise  # the user asked for a k this data cannot give

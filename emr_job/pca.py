@@ -1,9 +1,5 @@
-"""PCA as sklearn computes it, from per-partition moments: the scatter matrix of each partition on executors,
-merged and decomposed (one eigh) on the driver.
-
-Each partition accumulates around its own shift (the mean of its first slice), and the driver merges the
-partitions' means and scatters exactly (Chan et al.'s pairwise update): X^T X - n mean mean^T on raw features
-would cancel catastrophically wherever features vary little compared with their mean."""
+"""PCA as sklearn computes it, from per-file moments: each features data file's mean and centred scatter (cached
+beside it, emr_job/moments.py, or computed by a task), merged exactly and decomposed (one eigh) on the driver."""
 
 from __future__ import annotations
 
@@ -66,8 +62,24 @@ def read_files(file_batches: Iterable[pa.RecordBatch], columns: list) -> Iterato
 
 
 def file_moments(file_batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """Task body over feature files: one row with n, sum(x) and X^T X (float64) per task."""
-    yield from partition_moments(read_files(file_batches, ["features"]))
+    """Task body over feature files: one row with the merged moments of their rows (moments.to_row). Each file's
+    come from its cache entry when that is valid; otherwise from its rows, and are then cached."""
+    from emr_job import moments
+
+    parts, cached, computed = [], 0, 0
+    for tasks in file_batches:
+        for name, deleted in zip(tasks.column("file").to_pylist(), tasks.column("deleted").to_pylist()):
+            part = None if deleted else moments.load(name, None)
+            if part is None:
+                one = pa.RecordBatch.from_pydict({"file": [name], "deleted": [deleted]}, schema=tasks.schema)
+                part = moments.of_batches(read_files([one], ["label", "features"]))
+                if not deleted:  # only a whole file's moments are its own
+                    moments.save(name, part)
+                computed += 1
+            else:
+                cached += 1
+            parts.append(part)
+    yield moments.to_row(moments.merge(parts), cached, computed)
 
 
 def file_projection(file_batches: Iterable[pa.RecordBatch], mean, components, data_dir: str, run_id: str, schema):
@@ -103,46 +115,13 @@ def _partition() -> int:
     return ctx.partitionId() if ctx is not None else 0
 
 
-def partition_moments(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """Task body: one row per partition with n, its shift c, sum(x - c) and (x - c)^T (x - c) in float64."""
-    n, shift = 0, None
-    total, xtx = np.zeros(FEATURE_DIM), np.zeros((FEATURE_DIM, FEATURE_DIM))
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        x = _matrix(batch, "features").astype(np.float64)
-        if shift is None:
-            shift = x.mean(axis=0)
-        x -= shift
-        n += len(x)
-        total += x.sum(axis=0)
-        xtx += x.T @ x  # numpy sees the transpose pair and uses BLAS syrk: half the work
-    upper = xtx[np.triu_indices(FEATURE_DIM)]  # symmetric: half the bytes to ship to the driver
-    shift = np.zeros(FEATURE_DIM) if shift is None else shift
-    yield pa.RecordBatch.from_pydict(
-        {"n": [n], "shift": [shift.tobytes()], "total": [total.tobytes()], "xtx": [upper.tobytes()]},
-        schema=pa.schema([("n", pa.int64()), ("shift", pa.binary()), ("total", pa.binary()), ("xtx", pa.binary())]),
-    )
-
-
-def fit_from_moments(moments: list, variance: Optional[float], k: Optional[int]) -> PcaModel:
-    moments = [row for row in moments if row["n"]]
-    n = sum(row["n"] for row in moments)
+def fit(merged, variance: Optional[float], k: Optional[int]) -> PcaModel:
+    """sklearn's PCA(n_components=variance or k, svd_solver="full") of the rows whose moments are merged
+    (moments.Moments)."""
+    n = merged.n
     if n < 2:
         raise PcaError(f"PCA needs at least 2 images with features; there {'is' if n == 1 else 'are'} {n}")
-    counts = np.array([row["n"] for row in moments], np.float64)
-    means, scatter = [], np.zeros((FEATURE_DIM, FEATURE_DIM))
-    for row in moments:
-        total = np.frombuffer(row["total"])
-        upper = np.zeros((FEATURE_DIM, FEATURE_DIM))
-        upper[np.triu_indices(FEATURE_DIM)] = np.frombuffer(row["xtx"])
-        scatter += upper + np.triu(upper, 1).T - np.outer(total, total) / row["n"]  # around the partition's mean
-        means.append(np.frombuffer(row["shift"]) + total / row["n"])
-    mean = (counts[:, None] * np.array(means)).sum(axis=0) / n
-    for count, part_mean in zip(counts, means):  # and the spread of the partitions' means
-        scatter += count * np.outer(part_mean - mean, part_mean - mean)
-    cov = scatter / (n - 1)
-    eigvals, eigvecs = np.linalg.eigh(cov)
+    eigvals, eigvecs = np.linalg.eigh(merged.covariance)
     order = np.argsort(eigvals)[::-1]
     eigvals, eigvecs = np.clip(eigvals[order], 0.0, None), eigvecs[:, order]
     rank_limit = min(n, FEATURE_DIM)  # sklearn: n_components <= min(n_samples, n_features)
@@ -159,7 +138,7 @@ def fit_from_moments(moments: list, variance: Optional[float], k: Optional[int])
     # sklearn's svd_flip(u_based_decision=False): the largest |loading| of each axis is positive.
     signs = np.sign(components[np.arange(k), np.argmax(np.abs(components), axis=1)])
     components = components * np.where(signs == 0, 1.0, signs)[:, None]
-    return PcaModel(mean, components, ratios[:k], ratios, n)
+    return PcaModel(merged.mean, components, ratios[:k], ratios, n)
 
 
 def project(features: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The published results: three Apache Iceberg tables, committed together by one conditional write of report.json.
 
   <output>/report.json      the published run: its report, and the Iceberg metadata file of each table it wrote
-  <output>/tables/<name>/   Iceberg tables (metadata/, data/): features, pca, failures
+  <output>/tables/<name>/   Iceberg tables (metadata/, data/): features, pca, failures; features/moments/ caches
+                            each features data file's moments (emr_job/moments.py)
   <output>/runs/<run_id>/   plots and other files of that run
   <output>/_running/<id>    one marker per run writing files (its body: the launch id of a pipeline run, if any)
 
@@ -31,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from emr_job import iceberg, storage
+from emr_job import iceberg, moments, storage
 
 TABLE_NAMES = ("features", "pca", "failures")
 FORMAT = 1  # of report.json's "commit" block
@@ -357,7 +358,7 @@ def remove_orphans(output: str, grace_s: float = 600.0, run_id: Optional[str] = 
     then report.json is read again: a run whose file was listed either still has its marker (kept), or ended
     before that listing, by publishing (report.json moved: this looks again) or by crashing (its files go).
     Files named without a run id (Iceberg metadata and manifests) are also kept for grace_s, and while an
-    older run is live."""
+    older run is live. A features data file's cached moments (emr_job/moments.py) go when the data file goes."""
     for _ in range(3):
         now = clock()
         results = Results(output)
@@ -377,6 +378,8 @@ def remove_orphans(output: str, grace_s: float = 600.0, run_id: Optional[str] = 
     for uri, modified in listed:
         if uri in keep or uri.endswith(".lock") or (current_run and uri.startswith(current_run + "/")):
             continue
+        if moments.data_file_of(uri) in keep:
+            continue  # a data file's cached moments live as long as it does
         run_ids = set(RUN_ID.findall(uri))
         if run_ids & live:
             continue  # a file of a run still writing

@@ -94,6 +94,11 @@ def test_sam_build_then_deploy_alone_gives_a_pipeline_that_processes_the_first_i
     [job] = stack.jobs.values()
     python = (stack.workdir / job.job_id / "environment" / "bin" / "python").resolve()
     assert python.name == "python3.9", python
+    # and the run's model.onnx, made by the runtime's onnx, opens in another ONNX Runtime and names the run
+    import onnxruntime
+
+    model = s3.get_object(Bucket=stack.bucket, Key=f"results/{rpt['model_onnx']}")["Body"].read()
+    assert onnxruntime.InferenceSession(model).get_modelmeta().custom_metadata_map["run_id"] == rpt["run_id"]
 
     # When the job changes and CloudFormation updates the stack: a new layer version, the function mounts it, and
     # JobArtifacts gets an Update with the old properties

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from emr_job import job as job_module
-from emr_job import storage
+from emr_job import moments, storage
 from emr_job.store import Results, referenced_files
 from tests.job.images import encoded, make_tree, rgb, write
 from tests.job.results import files_holding, rows
@@ -96,6 +96,11 @@ def test_an_erased_image_leaves_every_current_file_in_the_run_that_sees_it_and_t
     assert cleanup["maintenance"]["cleanup_due_at"] is None
     assert json.loads(Path(out, "report.json").read_text())["maintenance"]["cleanup_due_at"] is None
     assert len(rows(out, "features")) == 6 and len(rows(out, "pca")) == 6
+    # and the cached moments of the rewritten file went with it: what is left is the current files' own
+    current = {f for f in current_files(out) if "/features/data/" in f}
+    assert {str(p) for p in Path(out, "tables", "features", "moments").iterdir()} == {
+        moments.cache_path(f) for f in current
+    }
 
 
 def test_a_cleanup_run_that_comes_early_keeps_the_snapshots_readers_may_use_and_says_when_to_come_back(
