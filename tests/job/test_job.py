@@ -64,7 +64,7 @@ def test_real_world_tree_is_fully_accounted_for(job, tmp_path, weights_file):
     assert on_disk["k"] == 3 and "sha256" in on_disk["weights"]
     for plot in on_disk["plots"]:
         assert Image.open(out / plot).size[0] > 300
-    assert published(out)["runs"] == {name: rpt["run_id"] for name in ("features", "pca", "failures")}
+    assert published(out)["runs"] == {name: rpt["run_id"] for name in ("features", "pca", "failures", "model.onnx")}
 
 
 @pytest.mark.parametrize("engine", ["onnx", "tensorflow"])
