@@ -27,6 +27,7 @@ from emr_job.pca import project
 
 FORMAT = 2  # 2: model.onnx and the decoding recipe
 MODEL_JSON, MODEL_NPZ, MODEL_ONNX = "model.json", "pca_model.npz", "model.onnx"
+MODEL_FILES = (MODEL_JSON, MODEL_NPZ, MODEL_ONNX)
 
 
 class ModelError(ValueError):

@@ -3,11 +3,13 @@ gone, refit PCA, and publish every table at once (emr_job/store.py). Safe to rep
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
 import time
 import uuid
+import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 
-from emr_job import catalog, fitted, model, moments, network, quality, report, storage
+from emr_job import basis, catalog, fitted, model, moments, network, quality, report, storage
 from emr_job.cost import PRICE_GB_HOUR, PRICE_VCPU_HOUR, ResourceMeter
 from emr_job.featurize import (
     FAILED,
@@ -33,6 +35,8 @@ from emr_job.featurize import (
 from emr_job.inputs import inputs_digest
 from emr_job.pca import (
     PcaError,
+    PcaModel,
+    features_stem,
     file_moments,
     file_projection,
     rewrite_files,
@@ -79,10 +83,12 @@ class JobConfig:
     price_gb_hour: float = PRICE_GB_HOUR
     glue_database: Optional[str] = None  # Glue database whose tables follow the published ones
     engine: str = "onnx"  # what runs the network: "onnx" (ONNX Runtime) or "tensorflow" (the reference)
+    refit: str = "auto"  # keep the published PCA basis until the data drifts (emr_job/basis.py), or always, never
     # Work this small runs in the driver: a Spark job costs seconds to start (JVM, Python workers) on any
-    # cluster, more than featurizing this many images or reading this many feature rows.
+    # cluster, more than featurizing this many images or reading this many feature rows (a pass over one file at a
+    # time: memory stays flat); each table pass (rewrite, moments, projection) counts the rows it reads.
     driver_max_images: int = 256
-    driver_max_rows: int = 20000
+    driver_max_rows: int = 50000
 
 
 class Timer:
@@ -128,6 +134,8 @@ class RunContext:
     report: dict = field(default_factory=dict)
     failure_rows: list = field(default_factory=list)  # the failures table as this run publishes it
     run_files: dict = field(default_factory=dict)  # name -> bytes, under runs/<run_id>/
+    run_copies: dict = field(default_factory=dict)  # name -> a published file copied under runs/<run_id>/
+    live_rows: dict = field(default_factory=dict)  # features data file -> its rows, once this run's change is applied
     meter: ResourceMeter = field(default_factory=ResourceMeter)  # vCPU and GB over time, for the run's cost
     progress: Optional[Progress] = None  # stage and images done, for status and the terminal
 
@@ -228,20 +236,16 @@ def featurize(ctx: RunContext) -> None:
     cfg, made = ctx.cfg, ctx.plan
     ctx.progress.stage("featurize", total=made.featurize.num_rows)
     featurize_here = made.featurize.num_rows <= cfg.driver_max_images
-    tables_here = made.reused + made.featurize.num_rows <= cfg.driver_max_rows  # PCA passes, rewrites
     with ThreadPoolExecutor(1) as pool:
         if made.featurize.num_rows:  # the network is prepared in the background while the JVM starts
             ctx.network = pool.submit(model.payload, ctx.weights, cfg.engine)
-        if not (featurize_here and tables_here):
+        if not featurize_here:  # the table passes start Spark later only if their rows need it (_spark_for)
             ctx.spark = ctx.session() if ctx.session else _local_session()
             ctx.meter.attach(ctx.spark)
         ctx.timer.lap("start")
         ctx.commit = _new_commit(ctx)
         ctx.step("start")
-        spark = ctx.spark
-        ctx.spark = None if featurize_here else spark
         ctx.status = _featurize(ctx)
-        ctx.spark = None if tables_here else spark
     ctx.step("featurized")
 
 
@@ -258,11 +262,14 @@ def commit_features(ctx: RunContext) -> None:
             change.removed.add(f.path)  # every row goes: dropped, not rewritten
         elif len(drops[f.path]) or (ctx.compact and f.rows - len(drops[f.path]) < ROWS_PER_FILE // 4):
             rewrite.append((f.path, drops[f.path], f.rows - len(drops[f.path])))
-    written = rewrite_features(ctx.spark, ctx.commit, ctx.run_id, rewrite)
-    change.added += written
+    written = rewrite_features(_spark_for(ctx, sum(n for _, _, n in rewrite)), ctx.commit, ctx.run_id, rewrite)
+    change.added += [r["path"] for r in written]
     change.removed |= {path for path, _, _ in rewrite} | {d for f in ctx.files for d in f.delete_files}
-    kept = [f.path for f in ctx.files if f.path not in change.removed]
-    ctx.live = kept + change.added
+    kept = [f for f in ctx.files if f.path not in change.removed]
+    ctx.live_rows = {**{f.path: f.rows - len(f.deleted) for f in kept},
+                     **{r["path"]: r["count"] for r in ctx.status if r["status"] == FILE},
+                     **{r["path"]: r["count"] for r in written}}  # fmt: skip
+    ctx.live = [f.path for f in kept] + change.added
     maintenance = dict((ctx.results.report or {}).get("maintenance") or {})
     maintenance.pop("oldest_uncompacted_delete", None)  # written by versions that masked rows for a while
     if rewrite:
@@ -278,7 +285,7 @@ def commit_features(ctx: RunContext) -> None:
 
 def rewrite_features(spark, commit: RunCommit, run_id: str, rewrite: list) -> list:
     """Data files -> new files with only the rows kept (rewrite: (path, positions dropped, rows kept)), merged
-    into files of up to ROWS_PER_FILE rows; returns their paths. In Spark tasks, or here when spark is None."""
+    into files of up to ROWS_PER_FILE rows; returns them (path, count). In Spark tasks, or here when spark is None."""
     if not rewrite:
         return []
     schema = arrow_schema("features")
@@ -286,8 +293,7 @@ def rewrite_features(spark, commit: RunCommit, run_id: str, rewrite: list) -> li
     body = partial(rewrite_files, data_dir=data_dir, run_id=f"{run_id}-rewrite", schema=schema)
     slices = max(1, math.ceil(sum(n for _, _, n in rewrite) / ROWS_PER_FILE))
     rows = [{"file": path, "deleted": [int(p) for p in dropped]} for path, dropped, _ in rewrite]
-    written = _map(spark, rows, FILE_TASKS_ARROW, body, slices)
-    return [r["path"] for r in written]
+    return _map(spark, rows, FILE_TASKS_ARROW, body, slices)
 
 
 def fit(ctx: RunContext) -> None:
@@ -360,8 +366,11 @@ def publish(ctx: RunContext) -> None:
     rpt["maintenance"]["cleanup_due_at"] = _cleanup_due(ctx.cfg, commit, erased=erased, pending=pending)
     rpt["maintenance"]["snapshots_expired"] = commit.expired
     rpt["plots"] = [f"runs/{ctx.run_id}/{name}" for name in sorted(ctx.run_files) if name.endswith(".png")]
-    rpt["model"] = f"runs/{ctx.run_id}/{fitted.MODEL_JSON}" if fitted.MODEL_JSON in ctx.run_files else None
-    rpt["model_onnx"] = f"runs/{ctx.run_id}/{fitted.MODEL_ONNX}" if fitted.MODEL_ONNX in ctx.run_files else None
+    saved = set(ctx.run_files) | set(ctx.run_copies)
+    rpt["model"] = f"runs/{ctx.run_id}/{fitted.MODEL_JSON}" if fitted.MODEL_JSON in saved else None
+    rpt["model_onnx"] = f"runs/{ctx.run_id}/{fitted.MODEL_ONNX}" if fitted.MODEL_ONNX in saved else None
+    rpt["sample"] = f"runs/{ctx.run_id}/{SAMPLE}" if SAMPLE in saved else None
+    rpt["sample_of"] = rpt["images_ok"] if SAMPLE in saved else None
     rpt["html"] = f"runs/{ctx.run_id}/report.html"
     rpt["timings_s"] = ctx.timer.total()
     rpt["images_per_second"] = round(rpt["images_featurized"] / max(ctx.timer.stages.get("featurize", 0.0), 1e-9), 2)
@@ -372,6 +381,7 @@ def publish(ctx: RunContext) -> None:
     with ThreadPoolExecutor(8) as pool:  # written before the swap: published with the tables, or orphaned
         list(pool.map(lambda kv: storage.write_bytes(storage.join(run_dir, kv[0]), kv[1], _content_type(kv[0])),
                       ctx.run_files.items()))  # fmt: skip
+        list(pool.map(lambda kv: storage.copy(kv[1], storage.join(run_dir, kv[0])), ctx.run_copies.items()))
     ctx.step("publish")
     ctx.report = commit.publish(rpt)
     ctx.step("published")
@@ -580,15 +590,21 @@ def _featurize(ctx: RunContext) -> list:
 
 
 def _pca(ctx: RunContext, n_ok: int):
-    """Fit PCA on every live feature row, write the projections, update the report (variance, labels, quality);
-    returns the run's files (plots, the fitted model) and the rows per label."""
-    spark, cfg, commit, run_id, rpt, weights = ctx.spark, ctx.cfg, ctx.commit, ctx.run_id, ctx.report, ctx.weights
+    """Refit PCA or keep the published basis (emr_job/basis.py), write the projections that basis needs, update the
+    report (basis, variance, labels, quality); returns the run's files (plots, the model) and the rows per label."""
+    cfg, commit, run_id, rpt, weights = ctx.cfg, ctx.commit, ctx.run_id, ctx.report, ctx.weights
+    variance = cfg.variance if cfg.k is None else None
+    published, pca_files, forced = _published_basis(ctx)
+    merged = _merged_moments(ctx)
     try:
-        parts = _map_files(spark, ctx.live, file_moments) if ctx.live else []
-        rpt["moments"] = {"files_cached": sum(p["cached"] for p in parts),
-                          "files_computed": sum(p["computed"] for p in parts)}  # fmt: skip
-        pca = fit_pca(moments.merge(moments.from_row(p) for p in parts), cfg.variance if cfg.k is None else None,
-                      cfg.k)  # fmt: skip
+        if merged.n < 2:
+            forced = forced or "fewer than 2 images"
+        decision = basis.decide(cfg.refit, merged.covariance if merged.n >= 2 else None,
+                                published.components if published else None, variance, forced)  # fmt: skip
+        if decision.refit:
+            pca = fit_pca(merged, variance, cfg.k)
+        else:
+            pca = PcaModel(published.mean, published.components, decision.kept_ratios, decision.ratios, merged.n)
     except PcaError as exc:
         if cfg.k is not None and n_ok >= 2:
             raise  # the user asked for a k this data cannot give
@@ -596,6 +612,11 @@ def _pca(ctx: RunContext, n_ok: int):
         ctx.log(f"PCA skipped: {exc}")
         commit.apply("pca", TableChange(replace_all=True))
         return {}, Counter()
+    basis_run = run_id if decision.refit else published.run_id
+    rpt["basis"] = {"run_id": basis_run, "refit": decision.refit, "why": decision.why, "policy": cfg.refit,
+                    "captured": decision.captured, "refit_would_capture": decision.best,
+                    "epsilon": basis.EPSILON}  # fmt: skip
+    ctx.log(f"PCA basis {'refit' if decision.refit else 'kept'} ({basis_run}): {decision.why}")
     rpt.update(
         k=pca.k,
         explained_variance_ratio=[float(x) for x in pca.explained_variance_ratio],
@@ -603,21 +624,149 @@ def _pca(ctx: RunContext, n_ok: int):
     )
     schema = arrow_schema("pca")
     data_dir = storage.join(commit.results.table_location("pca"), "data")
-    with ThreadPoolExecutor(1) as pool:  # matplotlib draws while Spark writes the projections
+    if decision.refit:  # every row moves to the new basis
+        to_project, removed = list(ctx.live), set()
+    else:  # rows stay where they are: only files without their pca file are projected
+        have = {features_stem(p): p for p in pca_files}
+        stems = {_stem(f): f for f in ctx.live}
+        to_project = [f for stem, f in stems.items() if stem not in have]
+        removed = {p for stem, p in have.items() if stem not in stems}
+    with ThreadPoolExecutor(1) as pool:  # matplotlib draws while the projections are written
         variance_png = pool.submit(report.variance_plot, pca.all_ratios, pca.k, rpt["variance_target"])
         body = partial(file_projection, mean=pca.mean, components=pca.components, data_dir=data_dir,
                        run_id=run_id, schema=schema)  # fmt: skip
-        written = _map_files(spark, ctx.live, body)
-        commit.apply("pca", TableChange(added=[r["path"] for r in written], replace_all=True))
-        coords, labels, counts = _sample(written, report.MAX_SCATTER_POINTS)
+        spark = _spark_for(ctx, sum(ctx.live_rows.get(f, 0) for f in to_project))
+        written = _map_files(spark, to_project, body) if to_project else []
+        if written or removed or decision.refit:
+            commit.apply("pca", TableChange(added=[r["path"] for r in written], removed=removed,
+                                            replace_all=decision.refit))  # fmt: skip
+        if decision.refit:
+            coords, labels = _sample(written, report.MAX_SCATTER_POINTS)
+        else:
+            coords, labels = _kept_sample(ctx, pca_files, written, report.MAX_SCATTER_POINTS)
+        counts = Counter(merged.labels)
         loo = quality.loo_accuracy(coords[: quality.MAX_SAMPLE], labels[: quality.MAX_SAMPLE])
-        rpt["quality"] = {**loo, "of": n_ok, "caveat": quality.caveat(weights.spec, len(counts))}
+        rpt["quality"] = {**loo, "of": n_ok, "sample": len(labels),
+                          "caveat": quality.caveat(weights.spec, len(counts))}  # fmt: skip
         files = {
             "explained_variance.png": variance_png.result(),
             "pca_scatter.png": report.scatter_plot(coords[:, :2], labels),
-            **fitted.files(pca, weights, run_id, _network_onnx(ctx)),
+            SAMPLE: _sample_bytes(coords, labels),
+            MOMENTS: moments.total_to_bytes(merged, ctx.live),
         }
+        rpt["moments"]["total"] = f"runs/{run_id}/{MOMENTS}"
+        if decision.refit:
+            files.update(fitted.files(pca, weights, run_id, _network_onnx(ctx)))
+        else:  # the basis's model, as its run saved it: copied server-side into this run's folder
+            source = storage.join(ctx.results.root, ctx.results.report["model"]).rsplit("/", 1)[0]
+            ctx.run_copies = {name: storage.join(source, name) for name in fitted.MODEL_FILES}
         return files, counts
+
+
+def _merged_moments(ctx: RunContext) -> moments.Moments:
+    """The moments of every live features row. A run that only added files merges theirs into the published run's
+    total (runs/<id>/moments.npz), reading no other entry; otherwise each file's cached entry, or its rows."""
+    previous = ctx.results.report or {}
+    total, covered = None, set()
+    if (previous.get("moments") or {}).get("total"):
+        try:
+            found = moments.total_from_bytes(
+                storage.read_bytes(storage.join(ctx.results.root, previous["moments"]["total"]))[0]
+            )
+        except FileNotFoundError:
+            found = None
+        live = {storage.basename(f) for f in ctx.live}
+        if found is not None and found[1] <= live:  # nothing it covers has left: add the new files to it
+            total, covered = found
+    rest = [f for f in ctx.live if storage.basename(f) not in covered]
+    cached_before = bool(previous.get("moments"))  # the published files' own entries were written then
+    published_files = {f.path for f in ctx.files}
+    rows = sum(ctx.live_rows.get(f, 0) for f in rest if not cached_before or f not in published_files)
+    parts = _map_files(_spark_for(ctx, rows), rest, file_moments) if rest else []
+    merged = moments.merge([total] * (total is not None) + [moments.from_row(p) for p in parts])
+    ctx.report["moments"] = {"files_cached": sum(p["cached"] for p in parts),
+                             "files_computed": sum(p["computed"] for p in parts),
+                             "files_in_total": len(covered)}  # fmt: skip
+    return merged
+
+
+MOMENTS = "moments.npz"  # the moments of every row the run publishes (emr_job/moments.py)
+
+
+def _published_basis(ctx: RunContext) -> tuple:
+    """(the published fitted model or None, the published pca table's data files, why a refit is due whatever
+    --refit says, or None)."""
+    cfg, published = ctx.cfg, ctx.results.report or {}
+    pca_files = [f.path for f in live_files(ctx.results.table("pca"))]
+    if not published.get("model"):
+        return None, pca_files, None
+    try:
+        fit = fitted.load(ctx.results)
+    except fitted.ModelError as exc:
+        return None, pca_files, f"the published model cannot be used ({exc})"
+    if fit.weights_fingerprint != ctx.weights.fingerprint:
+        return fit, pca_files, "the weights changed"
+    if ctx.outdated_model:
+        return fit, pca_files, "the published run has no model.onnx"
+    if ctx.plan.deletes or ctx.plan.removed:  # a kept mean and axes would still carry what left
+        return fit, pca_files, "images were erased or replaced"
+    if cfg.k is not None and cfg.k != fit.k:
+        return fit, pca_files, f"--k {cfg.k}, the basis has {fit.k}"
+    if any(features_stem(p) is None for p in pca_files):
+        return fit, pca_files, "the pca table predates one pca file per features file"
+    return fit, pca_files, None
+
+
+def _stem(path: str) -> str:
+    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def _spark_for(ctx: RunContext, rows: int):
+    """The Spark session for a table pass over this many rows: the one running, else one started now if the rows
+    are more than the driver reads alone, else None (the driver does it)."""
+    if ctx.spark is None and rows > ctx.cfg.driver_max_rows:
+        ctx.spark = ctx.session() if ctx.session else _local_session()
+        ctx.meter.attach(ctx.spark)
+    return ctx.spark
+
+
+SAMPLE = "sample.npz"  # the report's bounded sample of pca rows (coordinates and labels), for the next kept run
+
+
+def _sample_bytes(coords: np.ndarray, labels: list) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, coords=coords.astype(np.float32), labels=np.array(labels, dtype=str))
+    return buf.getvalue()
+
+
+def _kept_sample(ctx: RunContext, pca_files: list, written: list, size: int) -> tuple:
+    """A uniform sample of the rows after a run that kept the basis (it only adds rows): the published sample
+    merged with the new rows, each side drawn hypergeometrically. Without a readable published sample, one is
+    drawn from every pca file."""
+    previous = ctx.results.report or {}
+    new_files = {_stem(r["path"]) for r in ctx.status if r["status"] == FILE}
+    fresh = [r for r in written if features_stem(r["path"]) in new_files]
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(storage.join(ctx.results.root, previous["sample"]))[0])) as npz:
+            old_coords, old_labels = npz["coords"], [str(x) for x in npz["labels"]]
+        population = int(previous["sample_of"])
+    except (KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile):  # none (an older run), or unreadable
+        everything = [r for r in written if r not in fresh]
+        kept = {features_stem(r["path"]) for r in everything}
+        everything += [{"path": f.path, "count": f.rows} for f in live_files(ctx.results.table("pca"))
+                       if features_stem(f.path) not in kept and f.path in pca_files]  # fmt: skip
+        return _sample(everything + fresh, size)
+    new_coords, new_labels = _sample(fresh, size) if fresh else (np.zeros((0, old_coords.shape[1])), [])
+    added = sum(r["count"] for r in fresh)
+    rng = np.random.default_rng(len(ctx.run_id))
+    take = min(size, population + added)
+    from_new = int(rng.hypergeometric(added, population, take)) if added and population else min(take, added)
+    old_pick = rng.choice(len(old_labels), min(take - from_new, len(old_labels)), replace=False)
+    new_pick = np.arange(min(from_new, len(new_labels)))  # _sample's rows are in random order already
+    coords = np.concatenate([old_coords[old_pick], new_coords[new_pick]])
+    labels = [old_labels[i] for i in old_pick] + [new_labels[i] for i in new_pick]
+    order = rng.permutation(len(labels))
+    return coords[order], [labels[i] for i in order]
 
 
 def _network_onnx(ctx: RunContext) -> bytes:
@@ -629,8 +778,8 @@ def _network_onnx(ctx: RunContext) -> bytes:
 
 
 def _sample(written: list, size: int) -> tuple:
-    """A uniform random sample (seeded) of up to `size` rows of the new pca files, in random order: (coords,
-    labels); and the rows per label of the whole table."""
+    """A uniform random sample (seeded) of up to `size` rows of these pca files, in random order: (coords,
+    labels)."""
     import pyarrow.parquet as pq
 
     total = sum(r["count"] for r in written)
@@ -639,20 +788,22 @@ def _sample(written: list, size: int) -> tuple:
     starts = np.cumsum([0] + [r["count"] for r in written])
 
     def one(i):
+        mine = picked[(picked >= starts[i]) & (picked < starts[i + 1])] - starts[i]
+        if not len(mine):
+            return None
         fs, where = storage.filesystem(written[i]["path"])
         part = pq.read_table(where, columns=["label", "pca"], filesystem=fs)
-        mine = picked[(picked >= starts[i]) & (picked < starts[i + 1])] - starts[i]
-        return Counter(part.column("label").to_pylist()), part.take(pa.array(mine, pa.int64()))
+        return part.take(pa.array(mine, pa.int64()))
 
     with ThreadPoolExecutor(8) as pool:
-        parts = list(pool.map(one, range(len(written))))
-    counts = sum((c for c, _ in parts), Counter())
-    rows = pa.concat_tables([t for _, t in parts]) if parts else None
+        parts = [p for p in pool.map(one, range(len(written))) if p is not None]
+    if not parts:
+        return np.zeros((0, 2), np.float32), []
+    rows = pa.concat_tables(parts)
     order = rng.permutation(len(picked))
     coords = np.array(rows.column("pca").to_pylist(), np.float32).reshape(len(picked), -1)[order]
     all_labels = rows.column("label").to_pylist()
-    labels = [all_labels[i] for i in order]
-    return coords, labels, counts
+    return coords, [all_labels[i] for i in order]
 
 
 def task_count(spark, images: int, batch_size: int) -> int:

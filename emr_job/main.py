@@ -47,6 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--engine", choices=("onnx", "tensorflow"), default="onnx",
         help="runs the network: onnx (ONNX Runtime, default, faster) or tensorflow (the reference)",
     )  # fmt: skip
+    parser.add_argument(
+        "--refit", choices=("auto", "always", "never"), default="auto",
+        help="auto (default): keep the published PCA basis until the data drifts, so stored coordinates stay put; "
+        "always: refit at every run; never: only when the weights change or an image is erased",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     parser.add_argument("--io-threads", type=int, default=8, help="concurrent reads+decodes per task")
     parser.add_argument(
@@ -102,6 +107,7 @@ def main(argv=None) -> int:
         price_gb_hour=args.price_gb_hour,
         glue_database=args.glue_database,
         engine=args.engine,
+        refit=args.refit,
     )
     started = []
 

@@ -4,6 +4,9 @@ every row again.
   tables/features/moments/<data file stem>.npz   the data file's name and rows, n, the mean (1280,) and the
                                                  upper triangle of the centred scatter sum((x - mean)(x - mean)^T),
                                                  float64, and the rows per label
+  runs/<run_id>/moments.npz                      the same for every row the run published, and the data files
+                                                 they are in: a run that only adds files merges theirs into it,
+                                                 reading no other entry
 
 An entry is keyed to its data file (immutable, its name unique) by name and row count. One that is missing,
 unreadable or made for other rows is recomputed from the data file: correctness never depends on the cache. It
@@ -144,6 +147,33 @@ def load(data_file: str, rows: Optional[int]) -> Optional[Moments]:
 
 def save(data_file: str, m: Moments) -> None:
     storage.write_bytes(cache_path(data_file), to_bytes(m, data_file))
+
+
+# --- the published run's total: what an adding run merges its new files' moments into ------------------------
+def total_to_bytes(m: Moments, data_files: list) -> bytes:
+    """The moments of every row of these data files, in one file (runs/<run_id>/moments.npz)."""
+    buf = io.BytesIO()
+    np.savez(buf, format=FORMAT, n=m.n, mean=m.mean, scatter=m.scatter[UPPER], labels=json.dumps(m.labels),
+             files=np.array(sorted(storage.basename(f) for f in data_files), dtype=str))  # fmt: skip
+    return buf.getvalue()
+
+
+def total_from_bytes(data: bytes) -> Optional[tuple]:
+    """(Moments, the data file names they cover), or None when damaged."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            if int(npz["format"]) != FORMAT or npz["scatter"].shape != (len(UPPER[0]),):
+                return None
+            mean, upper, n = npz["mean"].astype(np.float64), npz["scatter"], int(npz["n"])
+            labels, files = json.loads(str(npz["labels"])), {str(f) for f in npz["files"]}
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        return None
+    if mean.shape != (FEATURE_DIM,) or not (np.isfinite(mean).all() and np.isfinite(upper).all()):
+        return None
+    scatter = np.zeros((FEATURE_DIM, FEATURE_DIM))
+    scatter[UPPER] = upper
+    scatter += np.triu(scatter, 1).T
+    return Moments(n, mean, scatter, labels), files
 
 
 # --- between Spark tasks and the driver -----------------------------------------------------------------------

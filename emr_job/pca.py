@@ -82,18 +82,38 @@ def file_moments(file_batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBa
     yield moments.to_row(moments.merge(parts), cached, computed)
 
 
-def file_projection(file_batches: Iterable[pa.RecordBatch], mean, components, data_dir: str, run_id: str, schema):
-    """Task body over feature files: their live rows projected on the principal axes, written as the pca
-    table's data files here; yields (file, rows) of each."""
-    from emr_job.featurize import FileRoller
+PCA_OF = "--pca-"  # a pca data file is named <its features data file's stem>--pca-<run id>.parquet
 
-    files = FileRoller(data_dir, run_id, _partition())
-    for batch in project_partition(read_files(file_batches, ["path", "label", "features"]), mean, components):
-        table = pa.Table.from_batches([batch]).cast(schema)
-        for written in files.add(table):
-            yield written.select(["path", "count"])
-    for written in files.flush():
-        yield written.select(["path", "count"])
+
+def pca_file_name(features_file: str, run_id: str) -> str:
+    return f"{features_file.rsplit('/', 1)[-1].rsplit('.', 1)[0]}{PCA_OF}{run_id}.parquet"
+
+
+def features_stem(pca_file: str) -> Optional[str]:
+    """The stem of the features data file a pca data file projects, or None for files of the older layout."""
+    name = pca_file.rsplit("/", 1)[-1]
+    return name.split(PCA_OF)[0] if PCA_OF in name else None
+
+
+def file_projection(file_batches: Iterable[pa.RecordBatch], mean, components, data_dir: str, run_id: str, schema):
+    """Task body over feature files: each file's rows projected on the principal axes, written here as one pca
+    data file named after it (so a run that keeps the basis projects only new files); yields (path, count)."""
+    from emr_job.storage import write_parquet
+
+    for tasks in file_batches:
+        for name, deleted in zip(tasks.column("file").to_pylist(), tasks.column("deleted").to_pylist()):
+            one = pa.RecordBatch.from_pydict({"file": [name], "deleted": [deleted]}, schema=tasks.schema)
+            rows = read_files([one], ["path", "label", "features"])
+            parts = [pa.Table.from_batches([b]).cast(schema) for b in project_partition(rows, mean, components)]
+            if not parts:
+                continue
+            path = f"{data_dir}/{pca_file_name(name, run_id)}"
+            table = pa.concat_tables(parts)
+            write_parquet(path, table)
+            yield pa.RecordBatch.from_pydict(
+                {"path": [path], "count": [table.num_rows]},
+                schema=pa.schema([("path", pa.string()), ("count", pa.int64())]),
+            )
 
 
 def rewrite_files(file_batches: Iterable[pa.RecordBatch], data_dir: str, run_id: str, schema):

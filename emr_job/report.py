@@ -88,6 +88,8 @@ def summary(report: dict) -> str:
         lines.append(
             f"pca: k={report['k']} components explain {report['explained_variance_total']:.1%} of the variance"
         )
+        if report.get("basis"):
+            lines.append(basis_line(report["basis"]))
     else:
         lines.append(f"pca: skipped: {report.get('pca_skipped')}")
     quality = report.get("quality")
@@ -114,6 +116,14 @@ def summary(report: dict) -> str:
     if report.get("html"):
         lines.append(f"report: {report['output']}/{report['html']}  (open it in a browser)")
     return "\n".join(lines)
+
+
+def basis_line(basis: dict) -> str:
+    """Which basis the pca rows are in, and why this run kept or refit it."""
+    if not basis:
+        return ""
+    what = "refit by this run" if basis["refit"] else f"kept from run {basis['run_id']}: coordinates unchanged"
+    return f"PCA basis {what} ({basis['why']})."
 
 
 def html(report: dict, run_files: dict, failure_rows: list) -> bytes:
@@ -171,7 +181,8 @@ def html(report: dict, run_files: dict, failure_rows: list) -> bytes:
     if report.get("k"):
         pca = (f"<p><span data-field=\"k\">{report['k']}</span> components explain "
                f"<span data-field=\"explained_variance_total\">{report['explained_variance_total']:.1%}</span> of the "
-               f"variance.</p>{image('explained_variance.png', 'cumulative explained variance')}"
+               f"variance. {e(basis_line(report.get('basis')))}</p>"
+               f"{image('explained_variance.png', 'cumulative explained variance')}"
                f"{image('pca_scatter.png', 'first two components by label')}")  # fmt: skip
     else:
         pca = f"<p>PCA skipped: {e(str(report.get('pca_skipped')))}</p>"

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import os
 import posixpath
+import shutil
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -218,6 +219,19 @@ def write_bytes(path: str, data: bytes, content_type: str = "application/octet-s
     with open(tmp, "wb") as fh:
         fh.write(data)
     os.replace(tmp, path)
+
+
+def copy(source: str, target: str) -> None:
+    """One file to another place in the same store: server-side on S3 (CopyObject), nothing through this process."""
+    if is_s3(source):
+        bucket, key = split_s3_uri(source)
+        to_bucket, to_key = split_s3_uri(target)
+        s3_client().copy_object(CopySource={"Bucket": bucket, "Key": key}, Bucket=to_bucket, Key=to_key)
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def read_versioned(path: str) -> tuple[Optional[bytes], Optional[str]]:

@@ -27,6 +27,7 @@ ENV_VARS: dict = {
     "MAX_ATTEMPTS": "3",
     "JOB_TIMEOUT_MINUTES": "180",
     "PCA_VARIANCE": "0.95",
+    "PCA_REFIT": "auto",
     "EMR_APPLICATION_ID": "",
     "EMR_RUNTIME_ROLE_ARN": "",
     "SPARK_SUBMIT_PARAMETERS": "",
@@ -76,6 +77,7 @@ class Settings:
     max_attempts: int
     job_timeout_minutes: int
     pca_variance: float
+    pca_refit: str
     emr_application_id: str
     emr_runtime_role_arn: str
     spark_submit_parameters: str
@@ -105,6 +107,7 @@ class Settings:
             "--output", f"s3://{self.bucket}/{self.results_prefix}",
             "--weights", self.weights_uri,
             "--variance", str(self.pca_variance),
+            "--refit", self.pca_refit,
             "--launch-id", run_id,
         ] + (["--glue-database", self.glue_database] if self.glue_database else []) + (
             # The job's report estimates its cost with the same prices as the state item's last_run
@@ -171,6 +174,8 @@ def load(environ: Mapping[str, str] = os.environ) -> Settings:
         variance = -1.0
     if not 0 < variance <= 1:
         raise SettingsError(f"PCA_VARIANCE must be in (0, 1], got {raw['PCA_VARIANCE']!r}")
+    if raw["PCA_REFIT"] not in ("auto", "always", "never"):
+        raise SettingsError(f"PCA_REFIT must be auto, always or never, got {raw['PCA_REFIT']!r}")
     prices = _price("PRICE_VCPU_HOUR", raw["PRICE_VCPU_HOUR"]), _price("PRICE_GB_HOUR", raw["PRICE_GB_HOUR"])
     if (prices[0] is None) != (prices[1] is None):
         raise SettingsError("PRICE_VCPU_HOUR and PRICE_GB_HOUR are set together, or both left empty (no estimate)")
@@ -190,6 +195,7 @@ def load(environ: Mapping[str, str] = os.environ) -> Settings:
         max_attempts=_int("MAX_ATTEMPTS", raw["MAX_ATTEMPTS"], 1),
         job_timeout_minutes=_int("JOB_TIMEOUT_MINUTES", raw["JOB_TIMEOUT_MINUTES"], 5),
         pca_variance=variance,
+        pca_refit=raw["PCA_REFIT"],
         emr_application_id=raw["EMR_APPLICATION_ID"],
         emr_runtime_role_arn=raw["EMR_RUNTIME_ROLE_ARN"],
         spark_submit_parameters=raw["SPARK_SUBMIT_PARAMETERS"],

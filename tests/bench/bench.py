@@ -19,6 +19,9 @@
   model       a run's model.onnx (tests/bench/model_file.py): size, load time and throughput against the job's
               network, and how close a client's decoding gets to the stored rows (recipe, full decode with
               Pillow's bilinear, full decode with a plain bilinear), on small images and camera photos
+  trickle     runs whose cost follows the change: at 20,000 stored images, a run adding 1% and one erasing an
+              image against the full run (wall time, cold); at 1,000,000 synthetic rows, the bytes a run adding
+              100 images reads against the store's (features, moments cache, pca)
   pca         emr_job.pca against pyspark.ml.feature.PCA on the same 20,000 x 1280 features, k=100
   trigger     the trigger on 10 and on 10,000 records after a million changes (moto): AWS calls, time
   daily       the daily pass's digest of 100,000 objects under images/ (a moto server in its own process, so the
@@ -728,6 +731,39 @@ def query_benchmark(work: Path, stored: int = 100_000) -> dict:
     return result
 
 
+def trickle_benchmark(work: Path, weights: Path, log, stored: int = 1_000_000) -> dict:
+    """Runs that cost what changed, one sitting: at 20,000 stored images, the full run, then a run adding 1% (200
+    images) and a run erasing one image, each cold (`python -m emr_job`, wall time); then, at `stored` synthetic
+    rows, the bytes a run adding 100 images reads (tests/bench/scale.py trickle)."""
+    images, out = work / "trickle-in", work / "trickle-out"
+    make_images(images, 20000)
+    full = job(images, out, weights)
+    log(f"trickle: full run of 20,000 images {full['wall_s']} s")
+    make_images(images, 200, seed=7, prefix="new")
+    added = job(images, out, weights)
+    victim = sorted(images.rglob("*.jpg"))[0]
+    victim.unlink()
+    erased = job(images, out, weights)
+    log(f"trickle: 1% added {added['wall_s']} s, one erased {erased['wall_s']} s")
+
+    def summary(r: dict) -> dict:
+        rpt = r["report"]
+        return {"wall_s": r["wall_s"], "stages_s": r["stages_s"], "basis": rpt.get("basis"),
+                "moments": rpt.get("moments"),
+                "spark": "without Spark" not in (rpt.get("resources") or {}).get("basis", "")}  # fmt: skip
+
+    result = {"machine": machine(), "full": summary(full), "add_1pct": summary(added), "erase_1": summary(erased),
+              "add_ratio": round(added["wall_s"] / full["wall_s"], 3),
+              "erase_ratio": round(erased["wall_s"] / full["wall_s"], 3)}  # fmt: skip
+    shutil.rmtree(out)
+    new = work / "trickle-new"
+    make_images(new, 100, seed=9, prefix="trickle")
+    script = str(ROOT / "tests" / "bench" / "scale.py")
+    result["million"] = json_line(script, "trickle", str(work / "trickle-store"), str(stored), str(weights), str(new))
+    shutil.rmtree(work / "trickle-store")
+    return result
+
+
 def machine() -> str:
     """CPU model and whether it has AVX-512: figures compare only within one machine."""
     model, flags = "unknown", ""
@@ -891,7 +927,19 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--stored", type=int, default=1_000_000, help="stored images for the planning section")
     parser.add_argument("--photos", type=int, default=1000, help="camera photos for the photos section")
-    sections = ["job", "photos", "decode", "model", "pca", "trigger", "daily", "reconcile", "listing", "query"]
+    sections = [
+        "job",
+        "photos",
+        "decode",
+        "model",
+        "trickle",
+        "pca",
+        "trigger",
+        "daily",
+        "reconcile",
+        "listing",
+        "query",
+    ]
     parser.add_argument("--only", choices=sections, help="run one section")
     parser.add_argument("--no-predict-batch-udf", dest="predict_batch_udf", action="store_false",
                         help="skip Spark's predict_batch_udf (the slowest part)")  # fmt: skip
@@ -922,6 +970,12 @@ def main(argv=None) -> int:
         if not weights.exists():
             save_weights(weights)
         result["model"] = json_line(str(ROOT / "tests" / "bench" / "model_file.py"), str(weights), str(work))
+    if args.only in (None, "trickle"):
+        log("trickle: runs that add 1% and erase one at 20,000 images; bytes read adding 100 at a million")
+        weights = work / "weights.weights.h5"
+        if not weights.exists():
+            save_weights(weights)
+        result["trickle"] = trickle_benchmark(work, weights, log)
     if args.only in (None, "pca"):
         log("pca: ours against pyspark.ml")
         result["pca"] = pca_benchmark(work)

@@ -4,6 +4,8 @@
   python tests/bench/scale.py plan DIR N          plan a run with 1% changed; prints wall time and peak RSS
   python tests/bench/scale.py rewrite DIR N       commit that run's writes; prints bytes written vs the store
   python tests/bench/scale.py query-store DIR N   published results of N images (pca, model) to query
+  python tests/bench/scale.py trickle DIR N WEIGHTS IMAGES
+                                                  a run adding IMAGES to N stored rows: bytes read vs the store
 
 `make bench` runs these (planning in a fresh process, so its peak RSS is the planner's own)."""
 
@@ -44,7 +46,7 @@ def feature_table(ids: np.ndarray, rng, weights: str = "sha256:bench") -> pa.Tab
     return feature_rows(rows, features, weights, arrow_schema("features"))
 
 
-def build(out: str, n: int) -> dict:
+def build(out: str, n: int, weights: str = "sha256:bench") -> dict:
     from emr_job import storage
     from emr_job.store import Results, RunCommit, TableChange
 
@@ -53,7 +55,7 @@ def build(out: str, n: int) -> dict:
     files = []
     for start in range(0, n, ROWS_PER_FILE):
         path = commit.data_file_path("features", str(start // ROWS_PER_FILE))
-        storage.write_parquet(path, feature_table(np.arange(start, min(n, start + ROWS_PER_FILE)), rng))
+        storage.write_parquet(path, feature_table(np.arange(start, min(n, start + ROWS_PER_FILE)), rng, weights))
         files.append(path)
     commit.apply("features", TableChange(added=files))
     commit.publish({"run_id": "bench-build"})
@@ -193,7 +195,46 @@ def rewrite(out: str, n: int) -> dict:
     }
 
 
+def trickle(out: str, n: int, weights_file: str, images: str) -> dict:
+    """A store of n synthetic rows (their moments cached, one pca file per features file, a fitted model: what
+    the job leaves), then the job in this process with the images under `images` added to the listing: bytes this
+    process read during that run (Linux's rchar: every read(), an upper bound of what it read from the store)
+    against the store's bytes (features, moments cache and pca)."""
+    from unittest import mock
+
+    from emr_job import job as job_module
+    from emr_job import storage
+    from emr_job.job import JobConfig, run
+    from emr_job.model import resolve_weights
+
+    fingerprint = resolve_weights(weights_file, out).fingerprint
+    built = build(out, n, fingerprint)
+    ids = np.arange(n)
+    stored = pa.table({"path": [path_of(i) for i in ids], "label": [f"label{i % LABELS:03d}" for i in ids],
+                       "version": [version_of(i) for i in ids]})  # fmt: skip
+    stored = stored.slice(1)  # one image erased: the first run publishes, and refits
+    new, _ = storage.list_images(images)
+    config = dict(input="s3://bench/images/", output=out, weights=weights_file, k=K, driver_max_rows=10**9)
+    with mock.patch.object(job_module.storage, "list_images", lambda root: (stored, 0)):
+        start = time.perf_counter()
+        run(JobConfig(**config, refit="always"), log=lambda _: None)  # what the job leaves: caches, pca, model
+        first_s = time.perf_counter() - start
+    store = sum(p.stat().st_size for p in Path(out, "tables").rglob("*") if p.is_file())
+    with mock.patch.object(job_module.storage, "list_images", lambda root: (pa.concat_tables([stored, new]), 0)):
+        before, start = _rchar(), time.perf_counter()
+        rpt = run(JobConfig(**config), log=lambda _: None)
+        wall, read = time.perf_counter() - start, _rchar() - before
+    return {"stored": n, "store_bytes": store, "features_files": built["files"], "first_run_s": round(first_s, 1),
+            "added": rpt["images_featurized"], "basis": rpt["basis"], "moments": rpt["moments"],
+            "wall_s": round(wall, 2), "bytes_read": read, "fraction_read": round(read / store, 4)}  # fmt: skip
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as fh:
+        return int(next(line for line in fh if line.startswith("rchar:")).split()[1])
+
+
 if __name__ == "__main__":
     command, folder, count, *more = sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:]
-    steps = {"build": build, "plan": plan, "rewrite": rewrite, "query-store": query_store}
+    steps = {"build": build, "plan": plan, "rewrite": rewrite, "query-store": query_store, "trickle": trickle}
     print(json.dumps(steps[command](folder, count, *more)))

@@ -20,6 +20,12 @@ def of_rows(out) -> moments.Moments:
     return moments.of_batches(table.to_batches())
 
 
+def moments_of(rpt: dict) -> tuple:
+    """(entries read, entries computed, files covered by the published total) of a run."""
+    m = rpt["moments"]
+    return m["files_cached"], m["files_computed"], m["files_in_total"]
+
+
 def relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -28,22 +34,32 @@ def test_a_refit_merges_each_files_cached_moments_and_they_equal_the_rows_own(jo
     # Given published results, made by two runs: two data files
     src, out = tmp_path / "in", tmp_path / "out"
     make_tree(str(src), labels=("a", "b", "c"), per_label=4)
-    assert job(src, out, k=2)["moments"] == {"files_cached": 0, "files_computed": 1}
+    first = job(src, out, k=2, refit="always")
+    assert (first["moments"]["files_computed"], first["moments"]["files_in_total"]) == (1, 0)
     write(f"{src}/c/new.jpg", encoded(rgb(89), "JPEG"))
-    assert job(src, out, k=2)["moments"] == {"files_cached": 1, "files_computed": 1}
+    assert moments_of(job(src, out, k=2, refit="always")) == (0, 1, 1)  # the new file's, added to the total
     write(f"{src}/a/new.jpg", encoded(rgb(90), "JPEG"))
     write(f"{src}/b/new.jpg", encoded(rgb(91), "JPEG"))
 
     # When the next run refits
-    third = job(src, out, k=2)
+    third = job(src, out, k=2, refit="always")
 
-    # Then it computed only the new file's moments, and every file's entry merges to the moments of all the rows
+    # Then it computed only the new file's moments, and every file's entry merges to the moments of all the rows,
+    # as does the run's total
     files = data_files(out)
-    assert len(files) == 3 and third["moments"] == {"files_cached": 2, "files_computed": 1}
-    merged, rows = moments.merge(moments.load(f, None) for f in files), of_rows(out)
+    assert len(files) == 3 and moments_of(third) == (0, 1, 2)
+    total, covered = moments.total_from_bytes((out / third["moments"]["total"]).read_bytes())
+    assert covered == {f.rsplit("/", 1)[1] for f in files}
+    rows = of_rows(out)
+    assert relative(total.scatter, rows.scatter) <= 1e-9 and total.labels == rows.labels
+    merged = moments.merge(moments.load(f, None) for f in files)
     assert merged.n == rows.n == 15 and merged.labels == rows.labels == {"a": 5, "b": 5, "c": 5}
     assert relative(merged.mean, rows.mean) <= 1e-9 and relative(merged.scatter, rows.scatter) <= 1e-9
     np.testing.assert_allclose(fitted.load(Results(str(out))).mean, rows.mean, rtol=1e-9)
+
+    # And a run after an image was replaced (its file rewritten) merges the other files' own entries
+    write(f"{src}/a/new.jpg", encoded(rgb(99), "JPEG"))
+    assert moments_of(job(src, out, k=2, refit="always")) == (2, 2, 0)  # the rewritten file and the new one
 
 
 def test_a_missing_damaged_or_foreign_cache_entry_is_recomputed(job, tmp_path):
@@ -53,23 +69,24 @@ def test_a_missing_damaged_or_foreign_cache_entry_is_recomputed(job, tmp_path):
     # another file's entry, one deleted
     src, out = tmp_path / "in", tmp_path / "out"
     make_tree(str(src), labels=("a", "b"), per_label=4)
-    job(src, out, k=2)
+    job(src, out, k=2, refit="always")
     for i in range(2):  # a data file per run
         write(f"{src}/a/new{i}.jpg", encoded(rgb(92 + i), "JPEG"))
-        job(src, out, k=2)
+        job(src, out, k=2, refit="always")
     truncated, foreign, deleted = data_files(out)[:3]
     caches = {f: Path(moments.cache_path(f)) for f in (truncated, foreign, deleted)}
     caches[truncated].write_bytes(caches[truncated].read_bytes()[:1000])
     caches[foreign].write_bytes(caches[deleted].read_bytes())
     caches[deleted].unlink()
+    (out / Results(str(out)).report["moments"]["total"]).write_bytes(b"damaged")  # the run's total too
     assert moments.load(truncated, None) is None and moments.load(foreign, None) is None
 
     # When a change makes the next run refit
     write(f"{src}/b/new.jpg", encoded(rgb(95), "JPEG"))
-    rpt = job(src, out, k=2)
+    rpt = job(src, out, k=2, refit="always")
 
     # Then every damaged entry was recomputed from its rows (and is whole again), and PCA is sklearn's on the rows
-    assert rpt["moments"]["files_cached"] == 0 and rpt["moments"]["files_computed"] == len(data_files(out)) == 4
+    assert moments_of(rpt) == (0, len(data_files(out)), 0) and len(data_files(out)) == 4
     assert all(moments.load(f, None) is not None for f in data_files(out))
     x = np.array(Results(str(out)).read("features").column("features").to_pylist(), np.float64)
     ref = PCA(n_components=2, svd_solver="full").fit(x)

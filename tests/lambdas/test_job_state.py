@@ -1147,6 +1147,13 @@ def test_missing_configuration_names_the_variable(aws):
     # No prices: no estimate, and the job is not given any (it has defaults of its own)
     unpriced = load_settings({**aws.env, "PRICE_VCPU_HOUR": "", "PRICE_GB_HOUR": ""})
     assert unpriced.price_vcpu_hour is None and "--price-vcpu-hour" not in unpriced.job_arguments("run-x")
+    with pytest.raises(SettingsError, match="PCA_REFIT must be auto, always or never, got 'sometimes'"):
+        load_settings({**aws.env, "PCA_REFIT": "sometimes"})
+    # The stack's refit policy reaches the job's command line, which takes it
+    from emr_job.main import parse_args
+
+    arguments = load_settings({**aws.env, "PCA_REFIT": "always"}).job_arguments("run-x")
+    assert parse_args(arguments).refit == "always"
 
 
 # --- events for what comes next: one per settled run, on the default bus, through the outbox -----------------
