@@ -3,6 +3,7 @@ gone, refit PCA, and publish every table at once (emr_job/store.py). Safe to rep
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 import os
@@ -236,16 +237,19 @@ def featurize(ctx: RunContext) -> None:
     cfg, made = ctx.cfg, ctx.plan
     ctx.progress.stage("featurize", total=made.featurize.num_rows)
     featurize_here = made.featurize.num_rows <= cfg.driver_max_images
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
         if made.featurize.num_rows:  # the network is prepared in the background while the JVM starts
             ctx.network = pool.submit(model.payload, ctx.weights, cfg.engine)
+        # pyiceberg's catalog modules (SQLAlchemy: about a second) load meanwhile; the commit is made after
+        pool.submit(importlib.import_module, "pyiceberg.catalog.memory")
         if not featurize_here:  # the table passes start Spark later only if their rows need it (_spark_for)
             ctx.spark = ctx.session() if ctx.session else _local_session()
             ctx.meter.attach(ctx.spark)
         ctx.timer.lap("start")
-        ctx.commit = _new_commit(ctx)
         ctx.step("start")
         ctx.status = _featurize(ctx)
+    ctx.commit = _new_commit(ctx)
+    ctx.commit.table("features")  # created now if this is the first run
     ctx.step("featurized")
 
 
@@ -558,7 +562,7 @@ def _map_files(spark, paths: list, body) -> list:
 
 def _featurize(ctx: RunContext) -> list:
     """The model pass over the images to (re)compute; returns the tasks' status rows as dicts."""
-    spark, cfg, plan, weights, commit, timer = ctx.spark, ctx.cfg, ctx.plan, ctx.weights, ctx.commit, ctx.timer
+    spark, cfg, plan, weights, timer = ctx.spark, ctx.cfg, ctx.plan, ctx.weights, ctx.timer
     if not plan.featurize.num_rows:
         return []
     slices = task_count(spark, plan.featurize.num_rows, cfg.batch_size) if spark else 1
@@ -566,7 +570,6 @@ def _featurize(ctx: RunContext) -> list:
         warm_workers(spark, cfg.batch_size, min(slices, spark.sparkContext.defaultParallelism))
     network = ctx.network.result()  # prepared meanwhile
     timer.lap("load_weights")
-    commit.table("features")  # created now if this is the first run
     weights_bc = spark.sparkContext.broadcast(network) if spark else SimpleNamespace(value=network)
     body = partial(
         featurize_partition,
@@ -575,7 +578,7 @@ def _featurize(ctx: RunContext) -> list:
         engine=cfg.engine,
         batch_size=cfg.batch_size,
         io_threads=cfg.io_threads,
-        data_dir=storage.join(commit.results.table_location("features"), "data"),
+        data_dir=storage.join(ctx.results.table_location("features"), "data"),
         run_id=ctx.run_id,
         schema=arrow_schema("features"),
     )
@@ -645,12 +648,13 @@ def _pca(ctx: RunContext, n_ok: int):
         else:
             coords, labels = _kept_sample(ctx, pca_files, written, report.MAX_SCATTER_POINTS)
         counts = Counter(merged.labels)
+        scatter_png = pool.submit(report.scatter_plot, coords[:, :2], labels)  # drawn while the 5-NN runs
         loo = quality.loo_accuracy(coords[: quality.MAX_SAMPLE], labels[: quality.MAX_SAMPLE])
         rpt["quality"] = {**loo, "of": n_ok, "sample": len(labels),
                           "caveat": quality.caveat(weights.spec, len(counts))}  # fmt: skip
         files = {
             "explained_variance.png": variance_png.result(),
-            "pca_scatter.png": report.scatter_plot(coords[:, :2], labels),
+            "pca_scatter.png": scatter_png.result(),
             SAMPLE: _sample_bytes(coords, labels),
             MOMENTS: moments.total_to_bytes(merged, ctx.live),
         }
@@ -758,7 +762,7 @@ def _kept_sample(ctx: RunContext, pca_files: list, written: list, size: int) -> 
         return _sample(everything + fresh, size)
     new_coords, new_labels = _sample(fresh, size) if fresh else (np.zeros((0, old_coords.shape[1])), [])
     added = sum(r["count"] for r in fresh)
-    rng = np.random.default_rng(len(ctx.run_id))
+    rng = np.random.default_rng(int(ctx.run_id.rsplit("-", 1)[-1], 16))  # the run id's random part
     take = min(size, population + added)
     from_new = int(rng.hypergeometric(added, population, take)) if added and population else min(take, added)
     old_pick = rng.choice(len(old_labels), min(take - from_new, len(old_labels)), replace=False)

@@ -210,8 +210,8 @@ def trickle(out: str, n: int, weights_file: str, images: str) -> dict:
     fingerprint = resolve_weights(weights_file, out).fingerprint
     built = build(out, n, fingerprint)
     ids = np.arange(n)
-    stored = pa.table({"path": [path_of(i) for i in ids], "label": [f"label{i % LABELS:03d}" for i in ids],
-                       "version": [version_of(i) for i in ids]})  # fmt: skip
+    columns = [[path_of(i) for i in ids], [f"label{i % LABELS:03d}" for i in ids], [version_of(i) for i in ids]]
+    stored = pa.table([*columns, np.full(n, 4000, np.int64)], schema=storage.LISTING_SCHEMA)
     stored = stored.slice(1)  # one image erased: the first run publishes, and refits
     new, _ = storage.list_images(images)
     config = dict(input="s3://bench/images/", output=out, weights=weights_file, k=K, driver_max_rows=10**9)
