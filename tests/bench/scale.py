@@ -178,7 +178,7 @@ def rewrite(out: str, n: int) -> dict:
     rewrite_s = time.perf_counter() - start
     features_written = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file() and p not in existing)
 
-    # The pca table is rewritten whole by every run that changes anything: PCA is refitted on all rows.
+    # Rows dropped force a refit (an erased image leaves the basis too): the pca table is rewritten whole.
     write_pca(commit, listing.num_rows)  # every listed image has a row once the run is done
     commit.publish({"run_id": "bench-rewrite"})
     pca = store_bytes(out, "pca")
