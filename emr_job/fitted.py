@@ -44,7 +44,6 @@ class Fitted:
     weights_description: str
     run_id: str
     onnx_uri: str
-    meta: dict
 
     @property
     def k(self) -> int:
@@ -121,7 +120,6 @@ def load(results) -> Fitted:
         weights_description=meta["weights"]["description"],
         run_id=meta["run_id"],
         onnx_uri=storage.join(folder, meta["onnx"]["file"]),
-        meta=meta,
     )
 
 

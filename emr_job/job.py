@@ -131,7 +131,6 @@ class RunContext:
     spark: object = None
     network: object = None  # future of the network's payload, prepared while the JVM starts
     status: list = field(default_factory=list)  # the featurize tasks' rows: files written, failures, vanished
-    live: list = field(default_factory=list)  # features data files once this run's change is applied
     report: dict = field(default_factory=dict)
     failure_rows: list = field(default_factory=list)  # the failures table as this run publishes it
     run_files: dict = field(default_factory=dict)  # name -> bytes, under runs/<run_id>/
@@ -139,6 +138,11 @@ class RunContext:
     live_rows: dict = field(default_factory=dict)  # features data file -> its rows, once this run's change is applied
     meter: ResourceMeter = field(default_factory=ResourceMeter)  # vCPU and GB over time, for the run's cost
     progress: Optional[Progress] = None  # stage and images done, for status and the terminal
+
+    @property
+    def live(self) -> list:
+        """The features data files once this run's change is applied."""
+        return list(self.live_rows)
 
     def step(self, name: str) -> None:
         if self.fail_at == name:
@@ -273,7 +277,6 @@ def commit_features(ctx: RunContext) -> None:
     ctx.live_rows = {**{f.path: f.rows - len(f.deleted) for f in kept},
                      **{r["path"]: r["count"] for r in ctx.status if r["status"] == FILE},
                      **{r["path"]: r["count"] for r in written}}  # fmt: skip
-    ctx.live = [f.path for f in kept] + change.added
     maintenance = dict((ctx.results.report or {}).get("maintenance") or {})
     maintenance.pop("oldest_uncompacted_delete", None)  # written by versions that masked rows for a while
     if rewrite:
@@ -630,8 +633,8 @@ def _pca(ctx: RunContext, n_ok: int):
     if decision.refit:  # every row moves to the new basis
         to_project, removed = list(ctx.live), set()
     else:  # rows stay where they are: only files without their pca file are projected
-        have = {features_stem(p): p for p in pca_files}
-        stems = {_stem(f): f for f in ctx.live}
+        have = {features_stem(f.path): f.path for f in pca_files}
+        stems = {storage.stem(f): f for f in ctx.live}
         to_project = [f for stem, f in stems.items() if stem not in have]
         removed = {p for stem, p in have.items() if stem not in stems}
     with ThreadPoolExecutor(1) as pool:  # matplotlib draws while the projections are written
@@ -698,10 +701,10 @@ MOMENTS = "moments.npz"  # the moments of every row the run publishes (emr_job/m
 
 
 def _published_basis(ctx: RunContext) -> tuple:
-    """(the published fitted model or None, the published pca table's data files, why a refit is due whatever
-    --refit says, or None)."""
+    """(the published fitted model or None, the published pca table's data files (store.LiveFile), why a refit
+    is due whatever --refit says, or None)."""
     cfg, published = ctx.cfg, ctx.results.report or {}
-    pca_files = [f.path for f in live_files(ctx.results.table("pca"))]
+    pca_files = live_files(ctx.results.table("pca"))
     if not published.get("model"):
         return None, pca_files, None
     try:
@@ -716,13 +719,9 @@ def _published_basis(ctx: RunContext) -> tuple:
         return fit, pca_files, "images were erased or replaced"
     if cfg.k is not None and cfg.k != fit.k:
         return fit, pca_files, f"--k {cfg.k}, the basis has {fit.k}"
-    if any(features_stem(p) is None for p in pca_files):
+    if any(features_stem(f.path) is None for f in pca_files):
         return fit, pca_files, "the pca table predates one pca file per features file"
     return fit, pca_files, None
-
-
-def _stem(path: str) -> str:
-    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
 def _spark_for(ctx: RunContext, rows: int):
@@ -748,7 +747,7 @@ def _kept_sample(ctx: RunContext, pca_files: list, written: list, size: int) -> 
     merged with the new rows, each side drawn hypergeometrically. Without a readable published sample, one is
     drawn from every pca file."""
     previous = ctx.results.report or {}
-    new_files = {_stem(r["path"]) for r in ctx.status if r["status"] == FILE}
+    new_files = {storage.stem(r["path"]) for r in ctx.status if r["status"] == FILE}
     fresh = [r for r in written if features_stem(r["path"]) in new_files]
     try:
         with np.load(io.BytesIO(storage.read_bytes(storage.join(ctx.results.root, previous["sample"]))[0])) as npz:
@@ -757,8 +756,7 @@ def _kept_sample(ctx: RunContext, pca_files: list, written: list, size: int) -> 
     except (KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile):  # none (an older run), or unreadable
         everything = [r for r in written if r not in fresh]
         kept = {features_stem(r["path"]) for r in everything}
-        everything += [{"path": f.path, "count": f.rows} for f in live_files(ctx.results.table("pca"))
-                       if features_stem(f.path) not in kept and f.path in pca_files]  # fmt: skip
+        everything += [{"path": f.path, "count": f.rows} for f in pca_files if features_stem(f.path) not in kept]
         return _sample(everything + fresh, size)
     new_coords, new_labels = _sample(fresh, size) if fresh else (np.zeros((0, old_coords.shape[1])), [])
     added = sum(r["count"] for r in fresh)

@@ -8,10 +8,11 @@ every row again.
                                                  they are in: a run that only adds files merges theirs into it,
                                                  reading no other entry
 
-An entry is keyed to its data file (immutable, its name unique) by name and row count. One that is missing,
-unreadable or made for other rows is recomputed from the data file: correctness never depends on the cache. It
-holds no object key (labels are folder names, which report.json lists anyway). Orphan removal keeps an entry
-exactly as long as its data file (store.remove_orphans): erasure, expiry and orphan removal take them together.
+An entry is keyed to its data file (immutable, its name unique) by name, and by row count where the reader knows
+it. One that is missing, unreadable or another file's is recomputed from the data file: correctness never depends
+on the cache. It holds no object key (labels are folder names, which report.json lists anyway). Orphan removal
+keeps an entry exactly as long as its data file (store.remove_orphans): erasure, expiry and orphan removal take
+them together.
 
 Partial moments merge exactly (Chan et al.'s pairwise update): the merged mean and scatter equal those of the rows
 to float64 rounding, whatever the split."""
@@ -99,7 +100,7 @@ def merge(parts: Iterable[Moments]) -> Moments:
 def cache_path(data_file: str) -> str:
     """Where a features data file's moments are cached: tables/features/moments/<stem>.npz."""
     folder, name = data_file.rsplit("/", 1)
-    return f"{folder.rsplit('/', 1)[0]}/moments/{name.rsplit('.', 1)[0]}.npz"
+    return f"{folder.rsplit('/', 1)[0]}/moments/{storage.stem(name)}.npz"
 
 
 def data_file_of(cache: str) -> Optional[str]:
@@ -131,10 +132,7 @@ def from_bytes(data: bytes, data_file: str, rows: Optional[int]) -> Optional[Mom
         labels = json.loads(str(fields["labels"]))
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):  # truncated, not npz, wrong types
         return None
-    scatter = np.zeros((FEATURE_DIM, FEATURE_DIM))
-    scatter[UPPER] = fields["scatter"]
-    scatter += np.triu(scatter, 1).T
-    return Moments(n, fields["mean"].astype(np.float64), scatter, labels)
+    return Moments(n, fields["mean"].astype(np.float64), _symmetric(fields["scatter"]), labels)
 
 
 def load(data_file: str, rows: Optional[int]) -> Optional[Moments]:
@@ -170,10 +168,7 @@ def total_from_bytes(data: bytes) -> Optional[tuple]:
         return None
     if mean.shape != (FEATURE_DIM,) or not (np.isfinite(mean).all() and np.isfinite(upper).all()):
         return None
-    scatter = np.zeros((FEATURE_DIM, FEATURE_DIM))
-    scatter[UPPER] = upper
-    scatter += np.triu(scatter, 1).T
-    return Moments(n, mean, scatter, labels), files
+    return Moments(n, mean, _symmetric(upper), labels), files
 
 
 # --- between Spark tasks and the driver -----------------------------------------------------------------------
@@ -186,7 +181,12 @@ def to_row(m: Moments, cached: int = 0, computed: int = 0) -> pa.RecordBatch:
 
 
 def from_row(row: dict) -> Moments:
+    return Moments(row["n"], np.frombuffer(row["mean"]).copy(), _symmetric(np.frombuffer(row["scatter"])),
+                   json.loads(row["labels"]))  # fmt: skip
+
+
+def _symmetric(upper: np.ndarray) -> np.ndarray:
+    """The (d, d) scatter matrix from its upper triangle (what is stored and shipped: half the bytes)."""
     scatter = np.zeros((FEATURE_DIM, FEATURE_DIM))
-    scatter[UPPER] = np.frombuffer(row["scatter"])
-    scatter += np.triu(scatter, 1).T
-    return Moments(row["n"], np.frombuffer(row["mean"]).copy(), scatter, json.loads(row["labels"]))
+    scatter[UPPER] = upper
+    return scatter + np.triu(scatter, 1).T

@@ -86,7 +86,9 @@ PCA_OF = "--pca-"  # a pca data file is named <its features data file's stem>--p
 
 
 def pca_file_name(features_file: str, run_id: str) -> str:
-    return f"{features_file.rsplit('/', 1)[-1].rsplit('.', 1)[0]}{PCA_OF}{run_id}.parquet"
+    from emr_job.storage import stem
+
+    return f"{stem(features_file)}{PCA_OF}{run_id}.parquet"
 
 
 def features_stem(pca_file: str) -> Optional[str]:

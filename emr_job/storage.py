@@ -323,6 +323,11 @@ def basename(uri: str) -> str:
     return posixpath.basename(uri.rstrip("/"))
 
 
+def stem(uri: str) -> str:
+    """A file's name without its extension: what names derived from a data file's are built on."""
+    return basename(uri).rsplit(".", 1)[0]
+
+
 def write_parquet(path: str, table: pa.Table) -> int:
     """Write a data file (local or s3://) and return its size. Used by executors and the driver alike."""
     fs, where = filesystem(path)
